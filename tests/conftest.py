@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny synthetic feature bags (no slides needed) and a config factory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_feature_bags(root: Path, n_slides: int = 24, dim: int = 16, seed: int = 0,
+                      n_range: tuple[int, int] = (20, 60), n_classes: int = 2) -> Path:
+    """A feature store + manifest where class-c bags carry a few 'key' instances.
+
+    Class c > 0 bags hold 2-4 instances shifted along feature axis c; class 0 bags none.
+    Two slides per case for the first cases (to exercise patient-level splits).
+    Returns the manifest path; the store is ``root / "store"``.
+    """
+    from wsi_lightning.features.store import FeatureStore
+
+    rng = np.random.default_rng(seed)
+    store = FeatureStore(root / "store")
+    rows = []
+    for i in range(n_slides):
+        paired = i < 8  # cases c000-c003 own two slides each, with one label
+        label = (i // 2) % n_classes if paired else i % n_classes
+        n = int(rng.integers(*n_range))
+        feats = rng.normal(size=(n, dim)).astype(np.float32)
+        if label > 0:
+            k = int(rng.integers(2, 5))
+            feats[:k, label] += 4.0
+            rng.shuffle(feats)
+        coords = np.stack([np.arange(n) * 112, np.zeros(n)], 1).astype(np.int64)
+        sid = f"s{i:03d}"
+        store.write_slide(sid, feats.astype(np.float16), coords,
+                          {"mpp": 0.5, "tile_size": 112, "tile_size_um": 56.0, "level": 0,
+                           "extent_level0": 112, "backbone": "synthetic", "weights_hash": "none",
+                           "extraction": {}})
+        case = f"c{i // 2:03d}" if paired else f"c{i:03d}"
+        rows.append({"slide_id": sid, "case_id": case, "path": f"slides/{sid}.tiff",
+                     "label": f"class{label}"})
+    df = pd.DataFrame(rows)
+    path = root / "manifest.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def bag_data(tmp_path: Path) -> Path:
+    return make_feature_bags(tmp_path)
+
+
+def feature_cfg_overrides(manifest: Path, runs: Path, **extra: object) -> list[str]:
+    """Overrides that run an experiment on a fixture store instead of slides."""
+    base = {
+        "data.manifest": str(manifest),
+        "data.store": str(manifest.parent / "store"),
+        "data.split.val": 0.25,
+        "data.split.test": 0.25,
+        "trainer.max_epochs": 2,
+        "trainer.accelerator": "cpu",
+        "trainer.enable_progress_bar": False,
+        "trainer.log_every_n_steps": 1,
+        "logger.wandb.enabled": False,
+        "paths.runs": str(runs),
+        "monitor.patience": None,
+    }
+    base.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,108 @@
+"""Contract tests run over every registered method (timm style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from wsi_lightning.build import import_registered
+from wsi_lightning.data.bags import BagDataModule
+from wsi_lightning.data.batch import Bag
+from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.registry import METHODS
+
+import_registered()
+D = 16
+TASKS = {"single": {"label": 2}, "multitag": {"stain": 3, "organ": 4}}
+
+
+def make_bag(b: int = 3, n: int = 12, pad_to: int | None = None, seed: int = 0) -> Bag:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([n - i for i in range(b)])
+    nmax = pad_to or n
+    feats = torch.randn(b, nmax, D, generator=g)
+    mask = torch.arange(nmax)[None] < lens[:, None]
+    feats = feats.masked_fill(~mask[..., None], 0.0)
+    coords = torch.zeros(b, nmax, 2, dtype=torch.long)
+    return Bag(feats, mask, coords, {}, [f"s{i}" for i in range(b)])
+
+
+def build(name: str, task: str = "single"):
+    return METHODS.get(name)(in_dim=D, num_classes=TASKS[task]).eval()
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("name", METHODS.names())
+def test_shapes_and_no_nan(name: str, task: str):
+    out = build(name, task)(make_bag())
+    assert set(out.logits) == set(TASKS[task])
+    for t, c in TASKS[task].items():
+        assert out.logits[t].shape == (3, c)
+        assert torch.isfinite(out.logits[t]).all()
+    for v in out.aux_losses.values():
+        assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_mask_invariance(name: str):
+    """Padding a bag with garbage instances must not change its output."""
+    model = build(name)
+    small = make_bag(b=2, n=10)
+    big = make_bag(b=2, n=10, pad_to=25)
+    big.features[:, :10] = small.features
+    big.features[~big.mask] = 1e3 * torch.randn(int((~big.mask).sum()), D)
+    with torch.no_grad():
+        a, b = model(small), model(big)
+    for t in a.logits:
+        torch.testing.assert_close(a.logits[t], b.logits[t], rtol=1e-4, atol=1e-5)
+    if a.attention is not None:
+        torch.testing.assert_close(a.attention, b.attention[..., :10], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_attention_sums_to_one_on_valid_instances(name: str):
+    bag = make_bag(b=3, n=12)
+    out = build(name)(bag)
+    if out.attention is None:
+        pytest.skip(f"{name} has no attention")
+    a = out.attention if out.attention.dim() == 3 else out.attention[:, None]
+    torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:2]), rtol=1e-5, atol=1e-5)
+    assert (a.masked_select(~bag.mask[:, None].expand_as(a)) == 0).all()
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_parameter_gets_a_gradient(name: str):
+    torch.manual_seed(0)
+    model = build(name, "multitag").train()
+    bag = make_bag(b=4, n=30)
+    bag.labels = {"stain": torch.tensor([0, 1, 2, 0]), "organ": torch.tensor([3, 2, 1, 0])}
+    out = model(bag)
+    loss = torch.stack(list(model.task_loss(out, bag).values()) + list(out.aux_losses.values())).sum()
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: {pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_fast_dev_run_and_checkpoint_round_trip(name: str, bag_data: Path, tmp_path: Path):
+    m = load_manifest(bag_data, "label", check_files=False)
+    dm = BagDataModule(m, bag_data.parent / "store", split={"val": 0.25, "test": 0.25}, batch_size=2)
+    dm.setup()
+    model = METHODS.get(name)(in_dim=dm.in_dim, num_classes=dm.num_classes, class_names=dm.class_names)
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    again = METHODS.get(name).load_from_checkpoint(ckpt, map_location="cpu").eval()
+    model.eval()
+    bag = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        a, b = model(bag), again(bag)
+    for t in a.logits:
+        torch.testing.assert_close(a.logits[t], b.logits[t])

@@ -1,0 +1,3 @@
+from wsi_lightning.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""The only place objects are built from config: name -> registry -> class.
+
+Data-derived sizes (feature size, classes) come from the DataModule and are injected here,
+never written in a method's YAML.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from wsi_lightning.config import to_dict
+from wsi_lightning.errors import ConfigError
+from wsi_lightning.registry import CALLBACKS, METHODS
+
+log = logging.getLogger(__name__)
+
+
+def import_registered() -> None:
+    """Import every module that registers methods and callbacks."""
+    import wsi_lightning.callbacks as callbacks
+    import wsi_lightning.methods as methods
+
+    methods.import_all()
+    callbacks.import_all()
+
+
+# ----------------------------------------------------------------------------- data
+def demo_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.data.root) / "demo"
+
+
+def manifest_path(cfg: DictConfig) -> Path:
+    """The manifest of the run; in demo mode the demo set is generated first if missing."""
+    if not cfg.data.is_demo:
+        return Path(cfg.data.manifest)
+    from wsi_lightning.slides.synthetic import make_demo_dataset
+
+    d = dict(to_dict(cfg.data.demo))
+    return make_demo_dataset(demo_dir(cfg), n_slides=int(d.pop("n_slides")), seed=int(d.pop("seed")), **d)
+
+
+def store_path(cfg: DictConfig) -> Path:
+    """``data.store``, or a folder named after the tiling and backbone so that settings never mix."""
+    if cfg.data.store:
+        return Path(cfg.data.store)
+    t, f = cfg.tiling, cfg.features
+    key = f"{Path(str(f.backbone)).name}_{t.tile_size}px_{t.mpp}mpp"
+    base = demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root)
+    return base / "features" / key
+
+
+def build_datamodule(cfg: DictConfig) -> Any:
+    from wsi_lightning.data.bags import BagDataModule
+    from wsi_lightning.data.manifest import check_slide_files, load_manifest
+    from wsi_lightning.features.extract import extract_features
+    from wsi_lightning.features.store import FeatureStore
+
+    targets = list(cfg.data.tag_cols) if cfg.data.task == "multitag" else [cfg.data.label_col]
+    classes = to_dict(cfg.data.classes)
+    manifest = load_manifest(manifest_path(cfg), targets, classes, check_files=False)
+    if cfg.data.task == "binary" and any(len(c) != 2 for c in manifest.classes.values()):
+        raise ConfigError(f"data.task=binary but {manifest.source} has classes {manifest.classes}; "
+                          "set data.task=multiclass")
+    store = store_path(cfg)
+    if not cfg.features.skip_errors:
+        check_slide_files(manifest, skip=set(FeatureStore(store).complete_slides()))
+    prepare = partial(extract_features, manifest, FeatureStore(store), to_dict(cfg.tiling),
+                      to_dict(cfg.features), bool(cfg.features.skip_errors))
+    return BagDataModule(manifest, store, split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
+                         max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers),
+                         prepare=prepare)
+
+
+# ----------------------------------------------------------------------------- method
+def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
+    """The registered method class and its checked arguments from ``method:``."""
+    from wsi_lightning.methods.base import net_arguments
+
+    import_registered()
+    m = dict(to_dict(cfg.method))
+    name = m.pop("name")
+    cls = METHODS.get(name)
+    valid = net_arguments(cls.Net)
+    unknown = sorted(set(m) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {['method.' + k for k in unknown]} for method "
+                          f"'{name}'; valid keys: {sorted(valid)}")
+    missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in m]
+    if missing:
+        raise ConfigError(f"method '{name}' needs config key(s) {['method.' + k for k in missing]}")
+    return cls, m
+
+
+def build_method(cfg: DictConfig, in_dim: int, num_classes: dict[str, int],
+                 class_names: dict[str, list[str]] | None = None,
+                 predictions_dir: str | None = None) -> L.LightningModule:
+    cls, kwargs = method_kwargs(cfg)
+    return cls(in_dim=in_dim, num_classes=num_classes, class_names=class_names,
+               optim=to_dict(cfg.optim), tag_weights=to_dict(cfg.loss.tag_weights),
+               max_epochs=int(cfg.trainer.max_epochs), predictions_dir=predictions_dir, **kwargs)
+
+
+# ----------------------------------------------------------------------------- trainer
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    import_registered()
+    mon = cfg.monitor
+    cbs: list[L.Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=mon.metric,
+                        mode=mon.mode, save_last=True, auto_insert_metric_name=False),
+    ]
+    if mon.patience:
+        cbs.append(EarlyStopping(monitor=mon.metric, mode=mon.mode, patience=int(mon.patience)))
+    for i, entry in enumerate(to_dict(cfg.callbacks)):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"callbacks[{i}] must be a mapping with a 'name'; got {entry!r}")
+        kw = dict(entry)
+        cls = CALLBACKS.get(kw.pop("name"))
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(k for k in kw if k not in params)
+        if unknown:
+            valid = sorted(k for k in params if k != "self")
+            raise ConfigError(f"unknown key(s) {unknown} for callbacks[{i}] ({entry['name']}); valid keys: {valid}")
+        cbs.append(cls(**kw))
+    return cbs
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list[Any] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="logs"))
+    w = cfg.logger.wandb
+    if w.enabled and w.mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=w.project, entity=w.entity, name=f"{cfg.name}/{run_dir.name}",
+                                   save_dir=str(run_dir), offline=w.mode == "offline",
+                                   tags=list(w.tags), config=to_dict(cfg)))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer:
+    t = dict(to_dict(cfg.trainer))
+    kwargs: dict[str, Any] = dict(
+        max_epochs=t["max_epochs"], accelerator=t["accelerator"], devices=t["devices"],
+        strategy=t["strategy"], num_nodes=t["num_nodes"], precision=t["precision"],
+        accumulate_grad_batches=t["accumulate_grad_batches"], gradient_clip_val=t["gradient_clip_val"],
+        log_every_n_steps=t["log_every_n_steps"], deterministic=t["deterministic"],
+        enable_progress_bar=t["enable_progress_bar"], default_root_dir=str(run_dir),
+        callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir) or False,
+        use_distributed_sampler=False,  # BagDataModule shards itself (unpadded val/test)
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)

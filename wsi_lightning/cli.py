@@ -1,0 +1,212 @@
+"""``wsi`` command line. Heavy modules (torch, lightning, openslide) are imported lazily inside
+each command so that ``wsi --help`` answers at once.
+
+    wsi demo-data [--out DIR] [--n-slides N] [--seed S]
+    wsi info SLIDE [--mpp MPP]
+    wsi tile MANIFEST [--out DIR] [key=value ...] [--skip-errors]
+    wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors]
+    wsi import-features FILES... --store DIR [--format auto|h5|pt] [--coords-dir DIR]
+    wsi fit EXP [key=value ...]
+    wsi test RUN_DIR [--ckpt best|last]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("wsi_lightning")
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def _setup_logging(verbose: bool, uses_lightning: bool) -> None:
+    import warnings
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=False)
+    handler.addFilter(_DropAdverts())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        datefmt="[%X]", handlers=[handler])
+    if not uses_lightning:
+        return
+    # Lightning installs its own console handlers; route its records through ours instead.
+    import lightning.pytorch  # noqa: F401  (creates the loggers and their handlers)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def _cfg_for_manifest(args: argparse.Namespace):
+    """A config for tile/extract: the base (or --exp) with key=value overrides and the manifest."""
+    from wsi_lightning import config
+
+    overrides = [*args.overrides, f"data.manifest={args.manifest}"]
+    if getattr(args, "store", None):
+        overrides.append(f"data.store={args.store}")
+    return config.load(args.exp, overrides, demo=False)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from wsi_lightning.slides.synthetic import make_demo_dataset
+
+    path = make_demo_dataset(Path(args.out), n_slides=args.n_slides, seed=args.seed, workers=args.workers)
+    log.info("demo manifest: %s", path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from wsi_lightning.slides import SlideReader
+
+    with SlideReader(args.slide, mpp=args.mpp) as r:
+        t = Table(title=str(args.slide))
+        t.add_column("level")
+        t.add_column("size (w x h)")
+        t.add_column("downsample")
+        t.add_column("mpp")
+        for lv in range(r.level_count):
+            w, h = r.level_dimensions[lv]
+            t.add_row(str(lv), f"{w} x {h}", f"{r.level_downsamples[lv]:.3f}", f"{r.level_mpp(lv):.4f}")
+        con = Console()
+        con.print(f"vendor: {r.vendor}  objective: {r.objective_power}  backend: {r.backend}  mpp: {r.mpp}")
+        con.print(t)
+    return 0
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    from wsi_lightning.config import to_dict
+    from wsi_lightning.data.manifest import load_manifest
+    from wsi_lightning.features.extract import plan_manifest
+
+    cfg = _cfg_for_manifest(args)
+    m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols))
+    out = Path(args.out) if args.out else Path(cfg.data.root) / "tiles"
+    plans, report = plan_manifest(m, to_dict(cfg.tiling), out, skip_errors=args.skip_errors)
+    n = sum(len(p.coords) for p in plans)
+    log.info("tiled %d slides, %d tiles -> %s (tissue masks in %s)", len(plans), n, out, out / "qc")
+    if report.rows:
+        log.warning("%d slide(s) failed; see %s", len(report.rows), report.path)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from wsi_lightning import build
+    from wsi_lightning.config import to_dict
+    from wsi_lightning.data.manifest import load_manifest
+    from wsi_lightning.features.extract import extract_features
+    from wsi_lightning.features.store import FeatureStore
+
+    cfg = _cfg_for_manifest(args)
+    m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols))
+    store = FeatureStore(build.store_path(cfg))
+    done = extract_features(m, store, to_dict(cfg.tiling), to_dict(cfg.features), skip_errors=args.skip_errors)
+    log.info("extracted %d slide(s) into %s (%d complete in total)", len(done), store.root, len(store.complete_slides()))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from wsi_lightning.features.importers import import_features
+    from wsi_lightning.features.store import FeatureStore
+
+    paths = [Path(p) for p in args.files]
+    ids = import_features(paths if len(paths) > 1 else paths[0], FeatureStore(args.store), fmt=args.format,
+                          coords_dir=Path(args.coords_dir) if args.coords_dir else None, overwrite=args.overwrite)
+    log.info("imported %d slide(s) into %s", len(ids), args.store)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from wsi_lightning import config, run
+
+    cfg = config.load(args.exp, args.overrides)
+    run.fit(cfg)
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from wsi_lightning import run
+
+    run.test(args.run_dir, ckpt=args.ckpt, overrides=args.overrides)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wsi", description="wsi_lightning: weakly-supervised WSI learning")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo-data", help="generate the synthetic demo slides + manifest")
+    s.add_argument("--out", default="data/demo")
+    s.add_argument("--n-slides", type=int, default=80)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("info", help="levels, sizes, mpp and vendor of a slide")
+    s.add_argument("slide")
+    s.add_argument("--mpp", type=float, default=None, help="override the slide's µm/px")
+    s.set_defaults(func=cmd_info)
+
+    for name, fn, helptext in (("tile", cmd_tile, "segment tissue and tile every slide of a manifest"),
+                               ("extract", cmd_extract, "tile + extract features of every slide into the store")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("manifest")
+        s.add_argument("overrides", nargs="*", help="config overrides, e.g. tiling.mpp=0.5 features.backbone=resnet18")
+        s.add_argument("--exp", default="abmil", help="experiment whose tiling/features settings to use")
+        s.add_argument("--skip-errors", action="store_true", help="record failing slides and go on")
+        if name == "tile":
+            s.add_argument("--out", default=None, help="tile cache folder (default <data.root>/tiles)")
+        else:
+            s.add_argument("--store", default=None, help="feature store folder (default from the config)")
+        s.set_defaults(func=fn)
+
+    s = sub.add_parser("import-features", help="import CLAM/TRIDENT .h5 or CLAM .pt bags into a store")
+    s.add_argument("files", nargs="+", help="files or a folder")
+    s.add_argument("--store", required=True)
+    s.add_argument("--format", default="auto", choices=["auto", "h5", "pt"])
+    s.add_argument("--coords-dir", default=None, help="CLAM patches/ folder with <slide>.h5 coords (for .pt bags)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("fit", help="train + test an experiment: wsi fit abmil trainer.max_epochs=5")
+    s.add_argument("exp", help="experiment name (experiments/<name>.yaml) or a YAML path")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("test", help="test a finished run folder")
+    s.add_argument("run_dir")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--ckpt", default="best", choices=["best", "last"])
+    s.set_defaults(func=cmd_test)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.command in ("fit", "test", "extract"))
+    from wsi_lightning.errors import WSIError
+
+    try:
+        return int(args.func(args) or 0)
+    except WSIError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; completed slides/checkpoints are kept, rerun to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Manifests, patient-level splits, batch types and the DataModules."""

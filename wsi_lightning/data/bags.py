@@ -1,0 +1,160 @@
+"""Bag-of-features DataModule over the feature store.
+
+``prepare_data()`` tiles and extracts whatever the store lacks (so an experiment can start
+from raw slides), ``setup()`` splits slides by patient, and the loaders yield padded
+:class:`~wsi_lightning.data.batch.Bag` batches. Under DDP, training uses a shuffling
+``DistributedSampler``; validation and test give each rank a disjoint, unpadded share, so
+metrics and prediction files cover every slide exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from wsi_lightning.data.batch import Bag, collate_bags
+from wsi_lightning.data.manifest import Manifest, patient_split
+from wsi_lightning.errors import StoreError
+from wsi_lightning.features.store import FeatureStore
+from wsi_lightning.registry import DATAMODULES
+
+log = logging.getLogger(__name__)
+
+
+class BagDataset(Dataset):
+    """Bags of one split.
+
+    Args:
+        store: feature store holding every slide.
+        slide_ids: slides of this split.
+        labels: {target: {slide_id: class index}}.
+        max_bag_size: if set, a random subset of at most this many instances per visit.
+    """
+
+    def __init__(self, store: FeatureStore, slide_ids: list[str], labels: dict[str, dict[str, int]],
+                 max_bag_size: int | None = None) -> None:
+        self.store, self.slide_ids, self.labels = store, list(slide_ids), labels
+        self.max_bag_size = max_bag_size
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        sid = self.slide_ids[i]
+        feats, coords = self.store.read(sid)  # (N, D), (N, 2)
+        feats_t, coords_t = torch.from_numpy(feats), torch.from_numpy(coords)
+        if self.max_bag_size and len(feats_t) > self.max_bag_size:
+            keep = torch.randperm(len(feats_t))[: self.max_bag_size].sort().values
+            feats_t, coords_t = feats_t[keep], coords_t[keep]
+        return {"features": feats_t, "coords": coords_t, "slide_id": sid,
+                "labels": {t: lab[sid] for t, lab in self.labels.items()}}
+
+
+class UnpaddedDistributedSampler(Sampler[int]):
+    """Rank r gets indices r, r + W, r + 2W, ...: disjoint, no repeats, possibly uneven."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.idx = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+@DATAMODULES.register("bags")
+class BagDataModule(L.LightningDataModule):
+    """Args:
+        manifest: the validated slide manifest.
+        store: feature store folder.
+        split: ``{val, test, seed, fold}`` (see :func:`patient_split`).
+        batch_size: bags per batch (padded with masks).
+        max_bag_size: training-time instance subsampling.
+        num_workers: DataLoader workers.
+        prepare: called by ``prepare_data()`` to fill the store (tiling + extraction); None
+            when the store is already complete.
+    """
+
+    def __init__(self, manifest: Manifest, store: str | Path, split: dict | None = None,
+                 batch_size: int = 1, max_bag_size: int | None = None, num_workers: int = 0,
+                 prepare: Callable[[], object] | None = None) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.store = FeatureStore(store)
+        self.split_cfg = dict(split or {})
+        self.batch_size, self.max_bag_size, self.num_workers = batch_size, max_bag_size, num_workers
+        self._prepare = prepare
+        self.splits: dict[str, list[str]] = {}
+        self.datasets: dict[str, BagDataset] = {}
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return self.manifest.num_classes
+
+    @property
+    def class_names(self) -> dict[str, list[str]]:
+        return self.manifest.classes
+
+    @property
+    def in_dim(self) -> int:
+        return self.store.feature_dim()
+
+    def prepare_data(self) -> None:
+        if self._prepare is not None:
+            self._prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        s = self.split_cfg
+        self.splits = patient_split(self.manifest, val=float(s.get("val", 0.15)), test=float(s.get("test", 0.3)),
+                                    seed=int(s.get("seed", 0)), fold=s.get("fold"))
+        available = set(self.store.complete_slides())
+        missing = [sid for ids in self.splits.values() for sid in ids if sid not in available]
+        if missing:
+            report = self.store.root / "errors.csv"
+            why = f" (failures recorded in {report})" if report.exists() else ""
+            log.warning("feature store %s lacks %d slide(s)%s; they are left out: %s",
+                        self.store.root, len(missing), why, missing[:10])
+            self.splits = {k: [i for i in v if i in available] for k, v in self.splits.items()}
+        if not self.splits["train"]:
+            raise StoreError(f"feature store {self.store.root}: no training slide has features; "
+                             "run `wsi extract <manifest>` first")
+        labels = {t: dict(zip(self.manifest.df["slide_id"], self.manifest.label_index(t).tolist(), strict=True))
+                  for t in self.manifest.targets}
+        for name, ids in self.splits.items():
+            mbs = self.max_bag_size if name == "train" else None
+            self.datasets[name] = BagDataset(self.store, ids, labels, max_bag_size=mbs)
+        log.info("splits (slides): %s", {k: len(v) for k, v in self.splits.items()})
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.datasets[split]
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler: Sampler | None = None
+        if world > 1:
+            sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=int(self.split_cfg.get("seed", 0)))
+                       if shuffle else UnpaddedDistributedSampler(len(ds), rank, world))
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, collate_fn=collate_bags, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def transfer_batch_to_device(self, batch: Bag, device: torch.device, dataloader_idx: int) -> Bag:
+        return Bag(batch.features.to(device), batch.mask.to(device), batch.coords.to(device),
+                   {t: v.to(device) for t, v in batch.labels.items()}, batch.slide_ids)
+

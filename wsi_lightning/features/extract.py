@@ -1,0 +1,324 @@
+"""Tiling and feature extraction for a manifest, as a Lightning ``predict`` run.
+
+One code path for a laptop CPU, a GPU or several GPUs with DDP: tiles are read by a
+``TileDataset`` (slide handles opened lazily in each worker), the backbone runs in
+``predict_step``, and a ``StoreWriter`` callback collects each slide's features and writes the
+slide to the feature store atomically once its last tile is in. Under DDP whole slides are
+assigned to ranks, so every rank writes only complete slides of its own. A rerun skips
+complete slides and redoes partial ones. Unreadable slides stop the run, or with
+``skip_errors`` are recorded in ``<store>/errors.csv`` while the rest goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from wsi_lightning.data.manifest import Manifest
+from wsi_lightning.errors import SlideError, WSIError
+from wsi_lightning.features.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TilePlan:
+    """The tiles of one slide: level-0 coords plus how they are read."""
+
+    slide_id: str
+    path: str
+    mpp_override: float | None
+    coords: np.ndarray  # (N, 2) int64
+    attrs: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- tiling
+def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
+    """Segment tissue and tile one slide (cached in ``tiles_dir/<slide_id>.npz``).
+
+    Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue mask) for a person to check.
+    """
+    from wsi_lightning.slides import SlideReader, save_tissue_png, segment_tissue, tile_slide
+
+    sid, path = str(row["slide_id"]), str(row["path"])
+    mpp_override = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
+    key = f"{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}"
+    cache = tiles_dir / f"{sid}.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        if str(z["key"]) == key:
+            attrs = {k: z[k].item() for k in ("mpp", "tile_size", "tile_size_um", "level", "extent_level0", "slide_mpp")}
+            return TilePlan(sid, path, mpp_override, z["coords"], attrs)
+    with SlideReader(path, mpp=mpp_override) as reader:
+        tissue = segment_tissue(reader, thumb_mpp=float(tiling["thumb_mpp"]))
+        save_tissue_png(tissue, tiles_dir / "qc" / f"{sid}.png")
+        grid = tile_slide(reader, int(tiling["tile_size"]), float(tiling["mpp"]),
+                          min_tissue=float(tiling["min_tissue"]), tissue=tissue)
+    if len(grid.coords) == 0:
+        raise SlideError(
+            f"slide {path}: no tile has >= {tiling['min_tissue']:.0%} tissue; check "
+            f"{tiles_dir / 'qc' / (sid + '.png')} or lower tiling.min_tissue"
+        )
+    attrs = {"mpp": grid.mpp, "tile_size": grid.tile_size, "tile_size_um": grid.tile_size_um,
+             "level": grid.level, "extent_level0": grid.extent_level0, "slide_mpp": grid.slide_mpp}
+    _atomic_npz(cache, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()})
+    return TilePlan(sid, path, mpp_override, grid.coords, attrs)
+
+
+class ErrorReport:
+    """Failures of a batch job, appended to a CSV (written atomically) as they happen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+
+    def add(self, slide_id: str, path: str, stage: str, err: Exception) -> None:
+        log.error("%s failed for slide %s: %s", stage, slide_id, err)
+        self.rows.append({"slide_id": slide_id, "path": path, "stage": stage, "error": str(err)})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        os.replace(tmp, self.path)
+
+
+def plan_manifest(manifest: Manifest, tiling: dict, tiles_dir: Path, skip_errors: bool = False,
+                  slide_ids: list[str] | None = None,
+                  report: ErrorReport | None = None) -> tuple[list[TilePlan], ErrorReport]:
+    """Tile every slide of the manifest (or ``slide_ids``); see :func:`plan_slide`.
+
+    Failures go to ``report`` (default ``tiles_dir/errors.csv``) when ``skip_errors``.
+    """
+    from rich.progress import Progress
+
+    report = report or ErrorReport(tiles_dir / "errors.csv")
+    df = manifest.df if slide_ids is None else manifest.df[manifest.df["slide_id"].isin(slide_ids)]
+    plans = []
+    with Progress(transient=True) as bar:
+        task = bar.add_task("tiling slides", total=len(df))
+        for _, row in df.iterrows():
+            try:
+                plans.append(plan_slide(row, tiling, tiles_dir))
+            except WSIError as e:
+                if not skip_errors:
+                    raise
+                report.add(str(row["slide_id"]), str(row["path"]), "tiling", e)
+            bar.advance(task)
+    return plans, report
+
+
+# ----------------------------------------------------------------------------- reading
+_SLIDES = None  # per-process SlideCache, created lazily in each DataLoader worker
+
+
+def _slide_cache():
+    global _SLIDES
+    from wsi_lightning.slides import SlideCache
+
+    if _SLIDES is None:
+        _SLIDES = SlideCache(max_open=16)
+    return _SLIDES
+
+
+class TileDataset(Dataset):
+    """Tiles of several slides, in slide order.
+
+    Items are dicts: ``image`` (3, T, T) float in [0, 1], ``slide`` (slide index), ``tile``
+    (tile index in its slide), ``ok`` (False when the read failed; the image is then zeros).
+    """
+
+    def __init__(self, plans: list[TilePlan]) -> None:
+        self.plans = plans
+        counts = np.array([len(p.coords) for p in plans], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def slide_range(self, s: int) -> range:
+        return range(int(self.offsets[s]), int(self.offsets[s + 1]))
+
+    def __getitem__(self, i: int) -> dict:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        t = i - int(self.offsets[s])
+        p = self.plans[s]
+        size = int(p.attrs["tile_size"])
+        x, y = (int(v) for v in p.coords[t])
+        try:
+            reader = _slide_cache().get(p.path, mpp=p.mpp_override)
+            img = reader.read_at_mpp((x, y), (size, size), float(p.attrs["mpp"]))  # (T, T, 3)
+            image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - recorded by the writer, named by slide
+            log.error("slide %s: reading tile at (%d, %d) failed: %s", p.path, x, y, e)
+            image, ok = torch.zeros(3, size, size), False
+        return {"image": image, "slide": s, "tile": t, "ok": ok}
+
+
+class SlideShardSampler(Sampler[int]):
+    """Whole slides per rank (slide s goes to rank s % world), in order, no padding."""
+
+    def __init__(self, ds: TileDataset, rank: int = 0, world: int = 1) -> None:
+        self.idx = [i for s in range(rank, len(ds.plans), world) for i in ds.slide_range(s)]
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+# ----------------------------------------------------------------------------- Lightning
+class TileDataModule(L.LightningDataModule):
+    """Predict-only DataModule; the slide shard of each rank is chosen once ranks are known."""
+
+    def __init__(self, ds: TileDataset, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.ds, self.batch_size, self.num_workers = ds, batch_size, num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(self.ds, batch_size=self.batch_size,
+                          sampler=SlideShardSampler(self.ds, rank, world),
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+
+class ExtractionModule(L.LightningModule):
+    """Wraps a backbone for ``Trainer.predict``: (B, 3, T, T) -> (B, D)."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone.eval()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.backbone(batch["image"]).float()
+
+
+class StoreWriter(BasePredictionWriter):
+    """Collects features per slide and writes each slide once its last tile arrives."""
+
+    def __init__(self, ds: TileDataset, store: FeatureStore, extra_attrs: dict, dtype: str,
+                 report: ErrorReport) -> None:
+        super().__init__(write_interval="batch")
+        self.ds, self.store, self.extra, self.report = ds, store, extra_attrs, report
+        self.dtype = np.dtype(dtype)
+        self.buf: dict[int, np.ndarray] = {}
+        self.filled: dict[int, int] = {}
+        self.failed: set[int] = set()
+        self.written: list[str] = []
+        self._bar = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            from rich.progress import Progress
+
+            self._bar = Progress()
+            self._bar.start()
+            self._all = self._bar.add_task("tiles (all slides)", total=len(trainer.predict_dataloaders.sampler))  # this rank's tiles
+            self._cur = self._bar.add_task("slide", total=1)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+        feats = prediction.detach().cpu().numpy()  # (B, D)
+        for j, (s, t, ok) in enumerate(zip(batch["slide"].tolist(), batch["tile"].tolist(), batch["ok"].tolist(), strict=True)):
+            n = len(self.ds.plans[s].coords)
+            if s not in self.buf:
+                self.buf[s] = np.zeros((n, feats.shape[1]), dtype=self.dtype)
+                self.filled[s] = 0
+                if self._bar is not None:
+                    self._bar.reset(self._cur, total=n, description=f"slide {self.ds.plans[s].slide_id}")
+            self.buf[s][t] = feats[j]
+            self.filled[s] += 1
+            if not ok:
+                self.failed.add(s)
+            if self.filled[s] == n:
+                self._finish(s)
+        if self._bar is not None:
+            self._bar.advance(self._all, len(feats))
+            self._bar.advance(self._cur, len(feats))
+
+    def _finish(self, s: int) -> None:
+        p = self.ds.plans[s]
+        feats = self.buf.pop(s)
+        if s in self.failed:
+            err = SlideError(f"slide {p.path}: some tiles could not be read (see the log); not written")
+            self.report.add(p.slide_id, p.path, "extraction", err)
+            return
+        attrs = {**p.attrs, **self.extra}
+        self.store.write_slide(p.slide_id, feats, p.coords.astype(np.int64), attrs)
+        self.written.append(p.slide_id)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def extract_features(
+    manifest: Manifest,
+    store: FeatureStore,
+    tiling: dict,
+    features: dict,
+    skip_errors: bool = False,
+    tiles_dir: Path | None = None,
+) -> list[str]:
+    """Tile and extract every slide of ``manifest`` that the store lacks.
+
+    Args:
+        manifest: slides to process.
+        store: destination; complete slides are skipped, partial ones redone.
+        tiling: ``tiling:`` config section (tile_size, mpp, min_tissue, thumb_mpp).
+        features: ``features:`` config section (backbone, pretrained, weights, batch_size,
+            num_workers, dtype, accelerator, devices).
+        skip_errors: record failing slides in ``errors.csv`` and go on.
+        tiles_dir: tile cache (default ``<store>/tiles``).
+
+    Returns:
+        The slide ids written by this process.
+    """
+    from wsi_lightning.features.backbones import build_backbone
+
+    store.clean_partial()
+    todo = [s for s in manifest.df["slide_id"] if not store.is_complete(s)]
+    if not todo:
+        return []
+    tiles_dir = tiles_dir or store.root / "tiles"
+    log.info("feature store %s: %d of %d slides to extract", store.root, len(todo), len(manifest.df))
+    report = ErrorReport(store.root / "errors.csv")
+    plans, _ = plan_manifest(manifest, tiling, tiles_dir, skip_errors, slide_ids=todo, report=report)
+    if not plans:
+        return []
+    backbone = build_backbone(str(features["backbone"]), pretrained=bool(features.get("pretrained", False)),
+                              weights=features.get("weights"))
+    extra = {"backbone": backbone.name, "weights_hash": backbone.weights_hash,
+             "extraction": {k: features.get(k) for k in ("backbone", "pretrained", "weights", "dtype")} | {"tiling": dict(tiling)}}
+    ds = TileDataset(plans)
+    writer = StoreWriter(ds, store, extra, str(features.get("dtype", "float16")), report)
+    trainer = L.Trainer(
+        accelerator=str(features.get("accelerator", "auto")), devices=features.get("devices", 1),
+        callbacks=[writer], logger=False, enable_progress_bar=False, use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
+    data = TileDataModule(ds, int(features.get("batch_size", 64)), int(features.get("num_workers", 0)))
+    trainer.predict(ExtractionModule(backbone), datamodule=data, return_predictions=False)
+    if report.rows and not skip_errors:
+        raise WSIError(f"extraction failed for {len(report.rows)} slide(s); see {report.path} "
+                       "(rerun to retry; --skip-errors to go on without them)")
+    return writer.written

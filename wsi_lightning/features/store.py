@@ -1,0 +1,532 @@
+"""Per-slide feature store: one zarr v3 group per slide, written atomically, read fast.
+
+Layout::
+
+    <root>/
+      <slide_id>.zarr/
+        zarr.json            group metadata; attributes (see below), ``complete`` written last
+        features/            (N, D) float16/float32, uncompressed, one chunk
+        coords/              (N, 2) int64 level-0 (x, y) of each tile's top-left corner
+      .tmp-<slide_id>-<pid>-<hex>.zarr/    a write in progress (or an interrupted one)
+
+Group attributes. Callers (extraction, importers) provide:
+
+    mpp (float | None)           microns per pixel of the tiles fed to the backbone
+    tile_size (int | None)       tile side in pixels at that resolution
+    tile_size_um (float | None)  tile side in microns (``tile_size * mpp``)
+    level (int | None)           pyramid level the tiles were read from
+    extent_level0 (int | None)   tile side in level-0 pixels (coords step on a dense grid)
+    backbone (str | None)        backbone name (registry or timm name)
+    weights_hash (str | None)    ``Backbone.weights_hash`` of the weights used
+    extraction (dict)            anything else about how the features were made
+
+Missing caller keys are stored as ``None`` so readers can rely on the keys existing. The store
+itself sets ``complete``, ``num_instances``, ``feature_dim`` and ``format_version`` (values a
+caller passes for these keys are replaced).
+
+Reading: ``read`` does not go through zarr's per-call machinery. When an array is a single
+uncompressed little-endian chunk (what ``write_slide`` produces) its chunk file (``c/0/0``) is
+raw C-order bytes, so it is read straight into a new numpy array with one ``preadv`` after
+checking the array's ``zarr.json`` once (parsed metadata is cached per slide; a rewritten slide
+is noticed by its directory's inode and the chunk file's size). Any other layout (a store written by another tool)
+falls back to the zarr API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from wsi_lightning.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CALLER_ATTRS = (
+    "mpp",
+    "tile_size",
+    "tile_size_um",
+    "level",
+    "extent_level0",
+    "backbone",
+    "weights_hash",
+    "extraction",
+)
+STORE_ATTRS = ("complete", "num_instances", "feature_dim", "format_version")
+_ARRAYS = ("features", "coords")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_SUFFIX = ".zarr"
+_FAST_DTYPES = {
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64",
+}  # fmt: skip
+
+
+class _ChunkMeta(NamedTuple):
+    """What the fast path needs to read one single-chunk array: file, shape, dtype."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+
+
+class _SlideMeta(NamedTuple):
+    inode: int  # inode of <slide>.zarr: changes when the slide is rewritten (rename)
+    features: _ChunkMeta | None  # None: layout not fast-readable, use the zarr API
+    coords: _ChunkMeta | None
+
+
+class FeatureStore:
+    """A directory of per-slide zarr groups holding tile features and coordinates.
+
+    Args:
+        root: Store directory; created on the first write.
+        cache_size: Number of slides whose parsed array metadata is kept in memory.
+
+    Example:
+        >>> store = FeatureStore("data/features/resnet50_trunc")
+        >>> store.write_slide("s1", feats, coords, {"mpp": 0.5, "tile_size": 256, ...})
+        >>> features, coords = store.read("s1")   # (N, D), (N, 2)
+    """
+
+    def __init__(self, root: str | Path, cache_size: int = 65536) -> None:
+        self.root = Path(root)
+        self._cache_size = cache_size
+        self._meta: OrderedDict[str, _SlideMeta] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ paths / status
+    def path(self, slide_id: str) -> Path:
+        """Directory of a slide's zarr group: ``root / f"{slide_id}.zarr"``."""
+        return self.root / f"{slide_id}{_SUFFIX}"
+
+    def is_complete(self, slide_id: str) -> bool:
+        """Whether the slide's group exists and its write finished (``complete`` attribute)."""
+        attrs = _read_group_attrs(self.path(slide_id))
+        return bool(attrs is not None and attrs.get("complete") is True)
+
+    def complete_slides(self) -> list[str]:
+        """Sorted ids of all complete slides in the store."""
+        return sorted(sid for sid in self._slide_dirs() if self.is_complete(sid))
+
+    def clean_partial(self) -> list[str]:
+        """Remove interrupted writes: temp/trash dirs of dead processes and incomplete groups.
+
+        Temp dirs belonging to a process that is still running (another extraction job
+        writing into the same store) are left alone.
+
+        Returns:
+            Names of the removed directories (relative to ``root``).
+        """
+        removed: list[str] = []
+        if not self.root.is_dir():
+            return removed
+        for entry in sorted(self.root.iterdir()):
+            name = entry.name
+            if not (entry.is_dir() and name.endswith(_SUFFIX)):
+                continue
+            if name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+                if _owner_alive(name):
+                    continue
+            elif name.startswith(".") or self.is_complete(name[: -len(_SUFFIX)]):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            self._meta.pop(name[: -len(_SUFFIX)], None)
+            removed.append(name)
+        if removed:
+            logger.info("feature store %s: removed %d partial entries", self.root, len(removed))
+        return removed
+
+    # ------------------------------------------------------------------ writing
+    def write_slide(
+        self, slide_id: str, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]
+    ) -> None:
+        """Write one slide atomically (temp dir, ``complete`` last, then rename into place).
+
+        An existing entry for the slide (complete or not) is replaced.
+
+        Args:
+            slide_id: Slide identifier; becomes the directory name.
+            features: (N, D) float16/float32 tile features (float64 is stored as float32).
+            coords: (N, 2) integer level-0 (x, y) tile coordinates.
+            attrs: Caller attributes (see module docstring); must be JSON-serialisable.
+
+        Raises:
+            StoreError: Bad slide id, shapes, dtypes, non-finite values or attributes.
+        """
+        _check_slide_id(slide_id, self.root)
+        features, coords = _validate_arrays(slide_id, features, coords)
+        group_attrs = _group_attrs(slide_id, attrs, features.shape)
+        self.root.mkdir(parents=True, exist_ok=True)
+        token = f"{slide_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
+        tmp = self.root / f"{_TMP_PREFIX}{token}"
+        try:
+            _write_group(tmp, features, coords, group_attrs)
+            self._move_into_place(tmp, self.path(slide_id), self.root / f"{_TRASH_PREFIX}{token}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            self._meta.pop(slide_id, None)
+        logger.debug("feature store %s: wrote slide '%s' %s", self.root, slide_id, features.shape)
+
+    @staticmethod
+    def _move_into_place(tmp: Path, final: Path, trash: Path) -> None:
+        if final.exists():  # os.replace cannot replace a non-empty directory
+            os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reading
+    def read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features and coordinates of one slide.
+
+        Returns:
+            features: (N, D) float16/float32.
+            coords: (N, 2) int64 level-0 (x, y).
+
+        Raises:
+            StoreError: The slide is missing or its write did not finish.
+        """
+        meta = self._slide_meta(slide_id)
+        return self._read_array(slide_id, meta, "features"), self._read_array(
+            slide_id, meta, "coords"
+        )
+
+    def read_features(self, slide_id: str) -> np.ndarray:
+        """Features of one slide, (N, D); see ``read``."""
+        return self._read_array(slide_id, self._slide_meta(slide_id), "features")
+
+    def read_coords(self, slide_id: str) -> np.ndarray:
+        """Level-0 (x, y) coordinates of one slide, (N, 2) int64; see ``read``."""
+        return self._read_array(slide_id, self._slide_meta(slide_id), "coords")
+
+    def attrs(self, slide_id: str) -> dict[str, Any]:
+        """Group attributes of a complete slide (see module docstring for the keys)."""
+        return self._require_complete(slide_id)
+
+    def num_instances(self, slide_id: str) -> int:
+        """Number of tiles N of a complete slide."""
+        attrs = self._require_complete(slide_id)
+        if isinstance(attrs.get("num_instances"), int):
+            return int(attrs["num_instances"])
+        return int(self._array_shape(slide_id, "features")[0])
+
+    def feature_dim(self) -> int:
+        """Feature dimension D, taken from any complete slide.
+
+        Raises:
+            StoreError: The store holds no complete slide.
+        """
+        for slide_id in sorted(self._slide_dirs()):
+            attrs = _read_group_attrs(self.path(slide_id))
+            if attrs is None or attrs.get("complete") is not True:
+                continue
+            if isinstance(attrs.get("feature_dim"), int):
+                return int(attrs["feature_dim"])
+            return int(self._array_shape(slide_id, "features")[1])
+        raise StoreError(
+            f"feature store {self.root}: no complete slides, so the feature dimension is "
+            "unknown; run `wsi extract <manifest>` or `wsi import-features` first"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _slide_dirs(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [
+            e.name[: -len(_SUFFIX)]
+            for e in self.root.iterdir()
+            if e.name.endswith(_SUFFIX) and not e.name.startswith(".") and e.is_dir()
+        ]
+
+    def _require_complete(self, slide_id: str) -> dict[str, Any]:
+        path = self.path(slide_id)
+        attrs = _read_group_attrs(path)
+        if attrs is None:
+            raise StoreError(
+                f"feature store {self.root}: no features for slide '{slide_id}' ({path} "
+                "missing); run `wsi extract <manifest>` or `wsi import-features`"
+            )
+        if attrs.get("complete") is not True:
+            raise StoreError(
+                f"feature store {self.root}: features for slide '{slide_id}' at {path} are "
+                "incomplete (an interrupted extraction); rerun `wsi extract <manifest>`, "
+                "which redoes incomplete slides"
+            )
+        return attrs
+
+    def _slide_meta(self, slide_id: str) -> _SlideMeta:
+        meta = self._meta.get(slide_id)
+        if meta is not None:
+            try:
+                if os.stat(self.path(slide_id)).st_ino == meta.inode:
+                    return meta
+            except OSError:
+                pass
+            self._meta.pop(slide_id, None)
+        self._require_complete(slide_id)
+        path = self.path(slide_id)
+        meta = _SlideMeta(
+            os.stat(path).st_ino, _fast_meta(path / "features"), _fast_meta(path / "coords")
+        )
+        self._meta[slide_id] = meta
+        while len(self._meta) > self._cache_size:
+            self._meta.popitem(last=False)
+        return meta
+
+    def _read_array(self, slide_id: str, meta: _SlideMeta, name: str) -> np.ndarray:
+        chunk: _ChunkMeta | None = getattr(meta, name)
+        if chunk is not None:
+            data = _read_chunk(chunk)
+            if data is not None:
+                return data
+            self._meta.pop(slide_id, None)  # changed on disk under us: take the slow path
+        return self._read_zarr(slide_id, name)
+
+    def _read_zarr(self, slide_id: str, name: str) -> np.ndarray:
+        import zarr
+
+        self._require_complete(slide_id)
+        path = self.path(slide_id) / name
+        try:
+            return np.asarray(zarr.open_array(path, mode="r")[...])
+        except Exception as e:
+            raise StoreError(
+                f"feature store {self.root}: cannot read array '{name}' of slide '{slide_id}' "
+                f"at {path} ({type(e).__name__}: {e}); rerun extraction for this slide "
+                "(delete the directory first)"
+            ) from e
+
+    def _array_shape(self, slide_id: str, name: str) -> tuple[int, ...]:
+        chunk = _fast_meta(self.path(slide_id) / name)
+        if chunk is not None:
+            return chunk.shape
+        return tuple(self._read_zarr(slide_id, name).shape)
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_slide_id(slide_id: str, root: Path) -> None:
+    if (
+        not isinstance(slide_id, str)
+        or not slide_id
+        or slide_id.startswith(".")
+        or any(c in slide_id for c in ("/", "\\", "\0", os.sep))
+    ):
+        raise StoreError(
+            f"feature store {root}: invalid slide id {slide_id!r}; slide ids must be non-empty, "
+            "must not start with '.' and must not contain path separators (fix the manifest's "
+            "slide_id column)"
+        )
+
+
+def _validate_arrays(
+    slide_id: str, features: np.ndarray, coords: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check shapes/dtypes/finiteness; returns C-contiguous (N, D) float and (N, 2) int64."""
+    where = f"slide '{slide_id}'"
+    features, coords = np.asarray(features), np.asarray(coords)
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise StoreError(
+            f"{where}: features must have shape (N, D) with N > 0 and D > 0, got "
+            f"{features.shape}; slides without tiles must be left out of the manifest"
+        )
+    if features.dtype == np.float64:
+        features = features.astype(np.float32)
+    if features.dtype not in (np.float16, np.float32):
+        raise StoreError(f"{where}: features must be float16 or float32, got {features.dtype}")
+    if coords.ndim != 2 or coords.shape != (features.shape[0], 2):
+        raise StoreError(
+            f"{where}: coords must have shape (N, 2) = ({features.shape[0]}, 2) to match "
+            f"features {features.shape}, got {coords.shape}"
+        )
+    if np.issubdtype(coords.dtype, np.floating):
+        if not np.all(np.isfinite(coords)) or not np.all(coords == np.round(coords)):
+            raise StoreError(f"{where}: coords must be integer level-0 pixel positions")
+    elif not np.issubdtype(coords.dtype, np.integer):
+        raise StoreError(f"{where}: coords must be integers, got {coords.dtype}")
+    if not np.isfinite(features).all():
+        bad = int((~np.isfinite(features)).any(axis=1).sum())
+        raise StoreError(
+            f"{where}: features contain NaN or inf in {bad} of {features.shape[0]} rows; check "
+            "the backbone/weights (float16 overflow? use float32) and re-extract"
+        )
+    return np.ascontiguousarray(features), np.ascontiguousarray(coords, dtype=np.int64)
+
+
+def _group_attrs(slide_id: str, attrs: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {key: None for key in CALLER_ATTRS}
+    out["extraction"] = {}
+    for key, value in (attrs or {}).items():
+        if key in STORE_ATTRS:
+            continue
+        try:
+            out[str(key)] = _jsonable(value)
+        except TypeError as e:
+            raise StoreError(
+                f"slide '{slide_id}': attribute '{key}' is not JSON-serialisable ({e}); pass "
+                "plain numbers, strings, lists or dicts"
+            ) from None
+    out.update(num_instances=int(shape[0]), feature_dim=int(shape[1]))
+    out["format_version"] = FORMAT_VERSION
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays, tuples, Paths and bytes into JSON types."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    raise TypeError(f"{type(value).__name__} value {value!r}")
+
+
+def _write_group(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
+    """Write the zarr group; the ``complete`` attribute goes in last."""
+    import zarr
+
+    group = zarr.open_group(path, mode="w", attributes=attrs)
+    for name, data in zip(_ARRAYS, (features, coords), strict=True):
+        array = group.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=data.shape,
+            compressors=None,
+            filters=None,
+            config={"write_empty_chunks": True},  # fast path expects the chunk file to exist
+        )
+        array[...] = data
+    group.attrs.update({"complete": True})
+
+
+def _read_group_attrs(path: Path) -> dict[str, Any] | None:
+    """Group attributes from zarr v3 ``zarr.json`` (or v2 ``.zattrs``); None if absent."""
+    for name, key in (("zarr.json", "attributes"), (".zattrs", None)):
+        try:
+            with open(path / name, "rb") as fh:
+                doc = json.load(fh)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return {}  # unreadable metadata: present but not complete
+        return dict(doc.get(key) or {}) if key else dict(doc)
+    return {} if path.is_dir() else None
+
+
+def _fast_meta(array_dir: Path) -> _ChunkMeta | None:
+    """Chunk file + shape + dtype when the array is one raw little-endian chunk, else None."""
+    try:
+        with open(array_dir / "zarr.json", "rb") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    shape = tuple(meta.get("shape") or ())
+    grid = meta.get("chunk_grid") or {}
+    dtype = meta.get("data_type")
+    codecs = meta.get("codecs") or []
+    if (
+        meta.get("zarr_format") != 3
+        or meta.get("node_type") != "array"
+        or meta.get("storage_transformers")
+        or not isinstance(dtype, str)
+        or dtype not in _FAST_DTYPES
+        or len(shape) == 0
+        or grid.get("name") != "regular"
+        or tuple((grid.get("configuration") or {}).get("chunk_shape") or ()) != shape
+        or len(codecs) != 1
+        or codecs[0].get("name") != "bytes"
+    ):
+        return None
+    np_dtype = np.dtype(dtype)
+    endian = (codecs[0].get("configuration") or {}).get("endian")
+    if np_dtype.itemsize > 1:
+        if endian != "little":
+            return None
+        np_dtype = np_dtype.newbyteorder("<")
+    chunk = _chunk_file(array_dir, meta.get("chunk_key_encoding") or {}, len(shape))
+    if chunk is None or not os.path.isfile(chunk):
+        return None  # e.g. an all-fill-value chunk zarr did not write: let zarr fill it
+    return _ChunkMeta(chunk, shape, np_dtype, math.prod(shape) * np_dtype.itemsize)
+
+
+def _read_chunk(chunk: _ChunkMeta) -> np.ndarray | None:
+    """Read a raw chunk file into a new array; None if the file is gone or has another size."""
+    try:
+        fd = os.open(chunk.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size != chunk.nbytes:
+            return None
+        out = np.empty(chunk.shape, dtype=chunk.dtype)
+        view, done = memoryview(out).cast("B"), 0
+        while done < chunk.nbytes:  # one call unless > 2 GiB (Linux caps a read there)
+            n = os.preadv(fd, [view[done:]], done)
+            if n <= 0:
+                return None
+            done += n
+        return out
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _chunk_file(array_dir: Path, encoding: dict[str, Any], ndim: int) -> str | None:
+    """Path of chunk (0, ..., 0): ``c/0/0`` (default, '/'), ``c.0.0`` or ``0.0`` (v2)."""
+    name = encoding.get("name", "default")
+    sep = (encoding.get("configuration") or {}).get("separator")
+    if name == "default":
+        sep = sep or "/"
+        key = sep.join(["c"] + ["0"] * ndim)
+    elif name == "v2":
+        sep = sep or "."
+        key = sep.join(["0"] * ndim)
+    else:
+        return None
+    return os.path.join(array_dir, *key.split("/"))
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process that made a ``.tmp-<slide>-<pid>-<hex>.zarr`` dir still runs."""
+    parts = name[: -len(_SUFFIX)].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True

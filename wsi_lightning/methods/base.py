@@ -1,0 +1,226 @@
+"""``MILOutput`` and the ``MILModule`` LightningModule every method builds on.
+
+A method is a pure-torch ``nn.Module`` (``Net``) mapping a :class:`~wsi_lightning.data.batch.Bag`
+to a :class:`MILOutput`, plus a registered ``MILModule`` subclass naming that net. The module
+adds the task loss (a weighted sum of per-target cross-entropies) to the net's named auxiliary
+losses, logs every term, computes metrics, writes per-slide predictions and keeps the last
+output where callbacks can read it (``module.last_output``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from wsi_lightning.data.batch import Bag
+from wsi_lightning.metrics import TaskMetrics
+
+log = logging.getLogger(__name__)
+
+# Arguments MILModule gives every net; everything else in `method:` goes to the net.
+INJECTED = ("in_dim", "num_classes")
+
+
+@dataclass
+class MILOutput:
+    """What every method returns.
+
+    Attributes:
+        logits: {target: (B, C_t)} unnormalised class scores.
+        attention: (B, N) per-instance weights summing to 1 over valid instances (or
+            (B, H, N) for H attention maps), None when the method has no attention.
+        aux_losses: named extra losses, already weighted; added to the task loss.
+        extras: anything else a callback may want (instance scores, embeddings...).
+    """
+
+    logits: dict[str, torch.Tensor]
+    attention: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def net_arguments(net_cls: type[nn.Module]) -> dict[str, Any]:
+    """The configurable arguments of a net: {name: default} (``inspect.Parameter.empty``
+    for required ones), without the injected ``in_dim`` / ``num_classes``."""
+    sig = inspect.signature(net_cls.__init__)
+    return {
+        n: p.default
+        for n, p in sig.parameters.items()
+        if n != "self" and n not in INJECTED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+class MILModule(L.LightningModule):
+    """Base LightningModule for bag classification.
+
+    Args:
+        in_dim: instance feature size D (injected from the data).
+        num_classes: {target: number of classes} (injected from the data).
+        class_names: {target: ordered class names}, for prediction files.
+        optim: optimiser settings (``optim:`` section of the config).
+        tag_weights: {target: loss weight}; default 1 for every target.
+        max_epochs: for the cosine schedule.
+        predictions_dir: where ``{stage}_predictions.csv`` are written (rank 0).
+        net_kwargs: the method's own arguments (``method:`` section minus ``name``).
+    """
+
+    Net: ClassVar[type[nn.Module]]
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: dict[str, int],
+        class_names: dict[str, list[str]] | None = None,
+        optim: dict | None = None,
+        tag_weights: dict[str, float] | None = None,
+        max_epochs: int = 1,
+        predictions_dir: str | None = None,
+        **net_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = self.Net(in_dim=in_dim, num_classes=dict(num_classes), **net_kwargs)
+        self.targets = list(num_classes)
+        self.class_names = class_names or {t: [str(i) for i in range(c)] for t, c in num_classes.items()}
+        self.optim_cfg = dict(optim or {"name": "adam", "lr": 2e-4, "weight_decay": 0.0})
+        self.tag_weights = {t: float((tag_weights or {}).get(t, 1.0)) for t in self.targets}
+        # ModuleDict keys must not clash with nn.Module attributes ("train"): suffix them.
+        self.metrics = nn.ModuleDict(
+            {f"{s}_metrics": TaskMetrics(dict(num_classes)) for s in ("train", "val", "test")}
+        )
+        self.last_output: MILOutput | None = None
+        self._records: list[dict] = []
+
+    # ----------------------------------------------------------------- forward and loss
+    def forward(self, bag: Bag) -> MILOutput:
+        return self.net(bag)
+
+    def task_loss(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
+        """Per-target cross-entropy (unknown labels, -1, ignored), weighted."""
+        losses = {}
+        for t in self.targets:
+            y = bag.labels[t]
+            if bool((y >= 0).any()):
+                ce = F.cross_entropy(out.logits[t].float(), y, ignore_index=-1)
+            else:
+                ce = out.logits[t].sum() * 0.0
+            losses[f"loss_{t}" if len(self.targets) > 1 else "loss_task"] = self.tag_weights[t] * ce
+        return losses
+
+    def _shared_step(self, bag: Bag, stage: str) -> torch.Tensor:
+        out = self(bag)
+        self.last_output = out
+        terms = {**self.task_loss(out, bag), **out.aux_losses}
+        loss = torch.stack([v for v in terms.values()]).sum()
+        bs = len(bag)
+        on_step = stage == "train"
+        for k, v in terms.items():
+            self.log(f"{stage}/{k}", v.detach(), batch_size=bs, on_step=False, on_epoch=True)
+        self.log(f"{stage}/loss", loss.detach(), batch_size=bs, prog_bar=True,
+                 on_step=on_step, on_epoch=True, sync_dist=stage == "train")
+        probs = {t: out.logits[t].detach().float().softmax(-1) for t in self.targets}
+        self.metrics[f"{stage}_metrics"].update(probs, bag.labels)
+        if stage != "train":
+            self._record(bag, probs)
+        return loss
+
+    def training_step(self, bag: Bag, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(bag, "train")
+
+    def validation_step(self, bag: Bag, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(bag, "val")
+
+    def test_step(self, bag: Bag, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(bag, "test")
+
+    def predict_step(self, bag: Bag, batch_idx: int) -> MILOutput:
+        return self(bag)
+
+    # ----------------------------------------------------------------- epoch ends
+    def _epoch_end(self, stage: str) -> None:
+        vals = self.metrics[f"{stage}_metrics"].compute(stage)
+        self.metrics[f"{stage}_metrics"].reset()
+        # torchmetrics already synchronised the states across ranks: no sync_dist here.
+        self.log_dict(vals, prog_bar=stage == "val")
+        if stage != "train":
+            self._write_records(stage)
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._records = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._epoch_end("val")
+        else:
+            self.metrics["val_metrics"].reset()
+            self._records = []
+
+    def on_test_epoch_start(self) -> None:
+        self._records = []
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ----------------------------------------------------------------- predictions
+    def _record(self, bag: Bag, probs: dict[str, torch.Tensor]) -> None:
+        for i, sid in enumerate(bag.slide_ids):
+            row: dict[str, Any] = {"slide_id": sid}
+            for t in self.targets:
+                names = self.class_names[t]
+                p = probs[t][i].cpu()
+                pre = "" if len(self.targets) == 1 else f"{t}_"
+                y = int(bag.labels[t][i])
+                row[f"{pre}label"] = names[y] if y >= 0 else ""
+                row[f"{pre}pred"] = names[int(p.argmax())]
+                for c, name in enumerate(names):
+                    row[f"{pre}prob_{name}"] = float(p[c])
+            self._records.append(row)
+
+    def gathered_records(self) -> list[dict]:
+        """This epoch's prediction rows from every rank (each slide once)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, self._records)
+            return [r for part in parts for r in part]
+        return list(self._records)
+
+    def _write_records(self, stage: str) -> None:
+        rows = self.gathered_records()
+        pdir = self.hparams.get("predictions_dir")
+        if not pdir or not self.trainer.is_global_zero or not rows:
+            return
+        import pandas as pd
+
+        path = Path(pdir) / f"{stage}_predictions.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).sort_values("slide_id").to_csv(path, index=False)
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        o = self.optim_cfg
+        name = o.get("name", "adam")
+        lr, wd = float(o.get("lr", 2e-4)), float(o.get("weight_decay", 0.0))
+        params = [p for p in self.parameters() if p.requires_grad]
+        if name == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(o.get("momentum", 0.9)))
+        else:
+            cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+            opt = cls(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))))
+        if o.get("scheduler", "none") == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=max(1, int(self.hparams.max_epochs)), eta_min=float(o.get("min_lr", 0.0))
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return opt

@@ -1,0 +1,6 @@
+"""Blocks shared by two or more methods."""
+
+from wsi_lightning.nn.attention import AttentionPool, masked_softmax
+from wsi_lightning.nn.heads import MultiHead, instance_mlp
+
+__all__ = ["AttentionPool", "MultiHead", "instance_mlp", "masked_softmax"]
