@@ -40,6 +40,14 @@ def test_fit_writes_run_folder_and_metrics_match_predictions(bag_data: Path, tmp
     assert again.metrics["test/auroc"] == pytest.approx(res.metrics["test/auroc"], abs=1e-6)
 
 
+def test_wandb_offline_run_is_written(bag_data: Path, tmp_path: Path):
+    over = feature_cfg_overrides(bag_data, tmp_path / "runs", **{
+        "logger.wandb.enabled": True, "logger.wandb.mode": "offline", "trainer.max_epochs": 1})
+    res = run.fit(config.load("mean_pool", over))
+    runs = list((res.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("exp", ["abmil", "max_pool"])
 def test_attention_learns_the_fixture_task(bag_data: Path, tmp_path: Path, exp: str):

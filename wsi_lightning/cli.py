@@ -5,7 +5,7 @@ each command so that ``wsi --help`` answers at once.
     wsi info SLIDE [--mpp MPP]
     wsi tile MANIFEST [--out DIR] [key=value ...] [--skip-errors]
     wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors]
-    wsi import-features FILES... --store DIR [--format auto|h5|pt] [--coords-dir DIR]
+    wsi import-features FILES... --store DIR [--format auto|clam_h5|trident_h5|clam_pt] [--coords-dir DIR]
     wsi fit EXP [key=value ...]
     wsi test RUN_DIR [--ckpt best|last]
 """
@@ -121,7 +121,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from wsi_lightning.features.store import FeatureStore
 
     paths = [Path(p) for p in args.files]
-    ids = import_features(paths if len(paths) > 1 else paths[0], FeatureStore(args.store), fmt=args.format,
+    ids = import_features(paths, FeatureStore(args.store), fmt=args.format,
                           coords_dir=Path(args.coords_dir) if args.coords_dir else None, overwrite=args.overwrite)
     log.info("imported %d slide(s) into %s", len(ids), args.store)
     return 0
@@ -175,7 +175,7 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import-features", help="import CLAM/TRIDENT .h5 or CLAM .pt bags into a store")
     s.add_argument("files", nargs="+", help="files or a folder")
     s.add_argument("--store", required=True)
-    s.add_argument("--format", default="auto", choices=["auto", "h5", "pt"])
+    s.add_argument("--format", default="auto", choices=["auto", "clam_h5", "trident_h5", "clam_pt"])
     s.add_argument("--coords-dir", default=None, help="CLAM patches/ folder with <slide>.h5 coords (for .pt bags)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_import)

@@ -116,7 +116,7 @@ def _disk(radius_px: float) -> np.ndarray:
 def segment_tissue(
     reader: SlideReader,
     thumb_mpp: float = 8.0,
-    min_area_um2: float = 20_000.0,
+    min_area_um2: float = 10_000.0,
     min_saturation: float = 20.0,
     max_dark: float = 200.0,
     close_um: float = 24.0,
