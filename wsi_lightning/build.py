@@ -71,8 +71,16 @@ def build_datamodule(cfg: DictConfig) -> Any:
     store = store_path(cfg)
     if not cfg.features.skip_errors:
         check_slide_files(manifest, skip=set(FeatureStore(store).complete_slides()))
+    feats = dict(to_dict(cfg.features))
+    if feats.get("devices") not in (1, "1"):
+        # a multi-process predict launched from inside `wsi fit` would re-run the whole fit in
+        # each child; multi-device extraction is its own command.
+        log.warning("features.devices=%s is used by `wsi extract` only; inside `wsi fit` missing "
+                    "features are extracted on one device (run `wsi extract MANIFEST "
+                    "features.devices=N` first to use several)", feats["devices"])
+        feats["devices"] = 1
     prepare = partial(extract_features, manifest, FeatureStore(store), to_dict(cfg.tiling),
-                      to_dict(cfg.features), bool(cfg.features.skip_errors))
+                      feats, bool(cfg.features.skip_errors))
     return BagDataModule(manifest, store, split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
                          max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers),
                          prepare=prepare)

@@ -87,6 +87,7 @@ def write_svs_like(path: Path, image: np.ndarray, mpp: float, n_levels: int = 3)
                     f"JPEG/RGB Q=80|AppMag = 20|MPP = {mpp}")
             tw.write(iter(tiles), shape=level.shape, dtype=np.uint8, tile=(256, 256),
                      photometric="rgb", compression="jpeg", jpegtables=tables,
+                     compressionargs={"outcolorspace": "RGB"}, subsampling=(1, 1),
                      subfiletype=0 if i == 0 else 1, description=desc, metadata=None)
 
 

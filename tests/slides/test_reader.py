@@ -40,6 +40,17 @@ def test_auto_picks_fast_path(pattern_slide):
         assert reader.backend == "fast"
 
 
+def _away_from_edges(shape: tuple[int, int], square: float, margin: int = 3) -> np.ndarray:
+    """(h, w) bool: pixels at least `margin` px from the checker's edges and the image border
+    (JPEG 4:2:0 rings there by design)."""
+    h, w = shape
+    def ok(n):
+        c = np.arange(n) + 0.5
+        return (np.abs(c - np.round(c / square) * square) >= margin) & (c >= margin) & (
+            c <= n - margin)
+    return ok(h)[:, None] & ok(w)[None, :]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_level_matches_the_written_pyramid(pattern_slide, pattern_image, backend):
     with SlideReader(pattern_slide, backend=backend) as reader:
@@ -48,18 +59,22 @@ def test_every_level_matches_the_written_pyramid(pattern_slide, pattern_image, b
             got = reader.read_region((0, 0), level, (w, h))
             assert got.shape == (h, w, 3) and got.dtype == np.uint8
             d = _diff(got, expected)
-            assert d.mean() < 1.5, f"level {level}"
-            # smooth ramps decode within a few levels; JPEG rings at the checker's edges
-            assert np.percentile(d[..., :2], 99) <= 4, f"level {level}"
-            assert d.max() <= 40, f"level {level}"
+            assert d.mean() < 1 + level, f"level {level}"  # edges grow relative to squares
+            inner = d[_away_from_edges((h, w), 128 / 2**level)]
+            assert inner.mean() < 1.2 and inner.max() <= 12, f"level {level}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_known_values_and_white_outside(pattern_slide, backend):
     with SlideReader(pattern_slide, backend=backend) as reader:
-        # centre of the checker square (1, 1) at level 0: R ramp, G ramp, B = 60
-        px = reader.read_region((96, 96), 0, (1, 1))[0, 0].astype(int)
-        assert np.abs(px - [round(96.5 * 255 / 1700), round(96.5 * 255 / 1280), 60]).max() <= 4
+        # centres of checker squares (0, 0) and (1, 0): R ramp, G ramp, B = 90 / 160
+        for x, y, blue in [(64, 64, 90), (192, 64, 160)]:
+            px = reader.read_region((x, y), 0, (1, 1))[0, 0].astype(int)
+            ramp = [round((x + 0.5) * 255 / 1700), round((y + 0.5) * 255 / 1280), blue]
+            assert np.abs(px - ramp).max() <= 3
+            # the same point at level 2 (a 4x4 box average around it)
+            px = reader.read_region((x, y), 2, (1, 1))[0, 0].astype(int)
+            assert np.abs(px - ramp).max() <= 3
         out = reader.read_region((1650, 1250), 1, (100, 60))  # level 1 covers x < 1700
         assert (out[:, 25:] == 255).all() and (out[15:, :] == 255).all()
         assert (out[:10, :20] < 250).any()
@@ -139,7 +154,7 @@ def test_svs_like_is_read_by_the_fast_path(svs_slide, pattern_image):
     with SlideReader(svs_slide) as reader:
         assert reader.backend == "fast" and reader.vendor == "aperio"
         lv = reader._fast.levels[0]
-        assert lv.tables is not None and lv.colorspace is not None  # JPEGTables, raw RGB
+        assert lv.tables is not None and lv.colorspace == 2  # JPEGTables, raw RGB (JCS_RGB)
         got = reader.read_region((0, 0), 0, (1200, 1000))
         assert _diff(got, pattern_image[:1000, :1200]).mean() < 1.5
 

@@ -233,7 +233,8 @@ class StoreWriter(BasePredictionWriter):
 
             self._bar = Progress()
             self._bar.start()
-            self._all = self._bar.add_task("tiles (all slides)", total=len(trainer.predict_dataloaders.sampler))  # this rank's tiles
+            what = "tiles (all slides)" if trainer.world_size == 1 else "tiles (rank 0's slides)"
+            self._all = self._bar.add_task(what, total=len(trainer.predict_dataloaders.sampler))
             self._cur = self._bar.add_task("slide", total=1)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:

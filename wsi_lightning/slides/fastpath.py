@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 JPEG = 7  # TIFF Compression tag value for "new-style" JPEG
 PHOTOMETRIC_RGB = 2
 PHOTOMETRIC_YCBCR = 6
-JCS_RGB = 2  # libjpeg colour-space id, as accepted by imagecodecs.jpeg8_decode
+JCS_RGB, JCS_YCBCR = 2, 3  # libjpeg colour-space ids, as accepted by imagecodecs.jpeg8_decode
 FAST_VENDORS = ("aperio", "generic-tiff")
 
 
@@ -57,7 +57,7 @@ class JpegLevel:
         offsets, counts: (down * across,) int64 file offset and byte count of each tile
             (row-major); a count of 0 is a missing tile, read as white.
         tables: shared JPEGTables bytes (abbreviated tiles, e.g. Aperio), or None.
-        colorspace: libjpeg input colour space to force (RGB for non-JFIF RGB tiles), or None.
+        colorspace: libjpeg colour space of the tile data (from the photometric tag).
     """
 
     width: int
@@ -69,7 +69,7 @@ class JpegLevel:
     offsets: np.ndarray
     counts: np.ndarray
     tables: bytes | None
-    colorspace: int | None
+    colorspace: int
 
 
 def decode_tile(data: bytes, level: JpegLevel) -> np.ndarray:
@@ -92,7 +92,7 @@ def _candidate_pages(tif: tifffile.TiffFile, vendor: str) -> list[tifffile.TiffP
     return sorted(levels, key=lambda p: -p.imagewidth)  # stable, like OpenSlide's width sort
 
 
-def _jpeg_level(page: tifffile.TiffPage, fh, file_size: int, path: Path) -> JpegLevel:
+def _jpeg_level(page: tifffile.TiffPage, file_size: int, path: Path) -> JpegLevel:
     """Validate one page and extract what decoding its tiles needs."""
     if page.compression != JPEG:
         raise FastPathUnavailable(f"page {page.index} compression is {page.compression}, not JPEG")
@@ -115,12 +115,8 @@ def _jpeg_level(page: tifffile.TiffPage, fh, file_size: int, path: Path) -> Jpeg
             f"({file_size} bytes), so the file is truncated; check the file is a complete "
             "whole-slide image (re-download/re-copy it)"
         )
-    colorspace = None
-    if page.photometric == PHOTOMETRIC_RGB and present.any():
-        first = int(np.argmax(present))
-        head = os.pread(fh, 16, int(offsets[first]))
-        if b"JFIF" not in head:  # raw RGB JPEG (Aperio); JFIF data is YCbCr
-            colorspace = JCS_RGB
+    # like OpenSlide: the TIFF photometric tag decides (JFIF/Adobe markers are not consulted)
+    colorspace = JCS_YCBCR if page.photometric == PHOTOMETRIC_YCBCR else JCS_RGB
     tables = page.jpegtables
     return JpegLevel(
         width=page.imagewidth,
@@ -182,7 +178,7 @@ class JpegTiffSlide:
         try:
             with tifffile.TiffFile(self.path) as tif:
                 pages = _candidate_pages(tif, vendor)
-                levels = [_jpeg_level(p, self._fd, file_size, self.path) for p in pages]
+                levels = [_jpeg_level(p, file_size, self.path) for p in pages]
         except (tifffile.TiffFileError, ValueError, KeyError, IndexError) as err:
             raise FastPathUnavailable(f"tifffile cannot parse the file: {err}") from err
         finally:

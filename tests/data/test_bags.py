@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsi_lightning.data.bags import BagDataModule, UnpaddedDistributedSampler
+from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.errors import StoreError
+from wsi_lightning.features.store import FeatureStore
+
+
+def dm_for(bag_data: Path, **kw) -> BagDataModule:
+    m = load_manifest(bag_data, "label", check_files=False)
+    dm = BagDataModule(m, bag_data.parent / "store", split={"val": 0.25, "test": 0.25}, **kw)
+    dm.setup()
+    return dm
+
+
+def test_padded_batches_with_masks(bag_data: Path):
+    dm = dm_for(bag_data, batch_size=3)
+    store = FeatureStore(bag_data.parent / "store")
+    bag = next(iter(dm.test_dataloader()))
+    assert bag.features.shape[0] == 3 and bag.mask.shape == bag.features.shape[:2]
+    for i, sid in enumerate(bag.slide_ids):
+        feats, coords = store.read(sid)
+        n = len(feats)
+        assert int(bag.mask[i].sum()) == n
+        torch.testing.assert_close(bag.features[i, :n], torch.from_numpy(feats).float())
+        assert (bag.features[i, n:] == 0).all() and (bag.coords[i, n:] == -1).all()
+        assert (bag.coords[i, :n].numpy() == coords).all()
+    assert dm.in_dim == 16 and dm.num_classes == {"label": 2}
+
+
+def test_max_bag_size_only_in_training(bag_data: Path):
+    dm = dm_for(bag_data, batch_size=1, max_bag_size=10)
+    assert all(b.features.shape[1] <= 10 for b in dm.train_dataloader())
+    assert max(b.features.shape[1] for b in dm.val_dataloader()) > 10
+
+
+@pytest.mark.parametrize("n,world", [(7, 2), (10, 3), (1, 2)])
+def test_unpadded_sampler_partitions(n: int, world: int):
+    shards = [list(UnpaddedDistributedSampler(n, r, world)) for r in range(world)]
+    assert sorted(sum(shards, [])) == list(range(n))
+
+
+def test_missing_store_is_a_clear_error(bag_data: Path, tmp_path: Path):
+    m = load_manifest(bag_data, "label", check_files=False)
+    dm = BagDataModule(m, tmp_path / "empty_store")
+    with pytest.raises(StoreError, match="wsi extract"):
+        dm.setup()
