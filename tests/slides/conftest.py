@@ -79,16 +79,29 @@ def write_svs_like(path: Path, image: np.ndarray, mpp: float, n_levels: int = 3)
                     tile = np.zeros((256, 256, 3), np.uint8)
                     part = level[y : y + 256, x : x + 256]
                     tile[: part.shape[0], : part.shape[1]] = part
-                    enc = imagecodecs.jpeg8_encode(tile, level=80, colorspace="RGB",
-                                                   outcolorspace="RGB", subsampling=(1, 1))
+                    enc = imagecodecs.jpeg8_encode(
+                        tile, level=80, colorspace="RGB", outcolorspace="RGB", subsampling=(1, 1)
+                    )
                     tables, abbreviated = _split_jpeg(enc)
                     tiles.append(abbreviated)
-            desc = (f"Aperio Image Library v10.0.51\r\n{w0}x{h0} [0,0 {w0}x{h0}] (256x256) "
-                    f"JPEG/RGB Q=80|AppMag = 20|MPP = {mpp}")
-            tw.write(iter(tiles), shape=level.shape, dtype=np.uint8, tile=(256, 256),
-                     photometric="rgb", compression="jpeg", jpegtables=tables,
-                     compressionargs={"outcolorspace": "RGB"}, subsampling=(1, 1),
-                     subfiletype=0 if i == 0 else 1, description=desc, metadata=None)
+            desc = (
+                f"Aperio Image Library v10.0.51\r\n{w0}x{h0} [0,0 {w0}x{h0}] (256x256) "
+                f"JPEG/RGB Q=80|AppMag = 20|MPP = {mpp}"
+            )
+            tw.write(
+                iter(tiles),
+                shape=level.shape,
+                dtype=np.uint8,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                jpegtables=tables,
+                compressionargs={"outcolorspace": "RGB"},
+                subsampling=(1, 1),
+                subfiletype=0 if i == 0 else 1,
+                description=desc,
+                metadata=None,
+            )
 
 
 @pytest.fixture(scope="session")

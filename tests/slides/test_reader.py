@@ -44,10 +44,15 @@ def _away_from_edges(shape: tuple[int, int], square: float, margin: int = 3) -> 
     """(h, w) bool: pixels at least `margin` px from the checker's edges and the image border
     (JPEG 4:2:0 rings there by design)."""
     h, w = shape
+
     def ok(n):
         c = np.arange(n) + 0.5
-        return (np.abs(c - np.round(c / square) * square) >= margin) & (c >= margin) & (
-            c <= n - margin)
+        return (
+            (np.abs(c - np.round(c / square) * square) >= margin)
+            & (c >= margin)
+            & (c <= n - margin)
+        )
+
     return ok(h)[:, None] & ok(w)[None, :]
 
 
@@ -175,5 +180,6 @@ def test_pickle_reopens(pattern_slide):
     reader = SlideReader(pattern_slide, mpp=0.6)
     clone = pickle.loads(pickle.dumps(reader))
     assert clone is not reader and clone.mpp == 0.6 and clone.backend == reader.backend
-    np.testing.assert_array_equal(clone.read_region((10, 10), 0, (32, 32)),
-                                  reader.read_region((10, 10), 0, (32, 32)))
+    np.testing.assert_array_equal(
+        clone.read_region((10, 10), 0, (32, 32)), reader.read_region((10, 10), 0, (32, 32))
+    )

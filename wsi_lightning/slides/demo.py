@@ -42,8 +42,9 @@ LABELS = ("normal", "tumor")
 
 def spec_hash(n_slides: int, seed: int, options: dict) -> str:
     """Short hash of everything that determines the dataset's content."""
-    blob = json.dumps({"v": GENERATOR_VERSION, "n": n_slides, "seed": seed, **options},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"v": GENERATOR_VERSION, "n": n_slides, "seed": seed, **options}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -60,8 +61,11 @@ def plan_slides(n_slides: int, seed: int, options: dict) -> list[dict]:
     n_pairs = round(options["pair_fraction"] * n_slides / 2)
     for k in range(n_pairs):
         label = LABELS[k % 2]
-        free = [i for i in range(n_slides) if labels[i] == label and case_of[i] == i
-                and not (case_of == i).sum() > 1]
+        free = [
+            i
+            for i in range(n_slides)
+            if labels[i] == label and case_of[i] == i and not (case_of == i).sum() > 1
+        ]
         if len(free) >= 2:
             a, b = rng.choice(free, 2, replace=False)
             case_of[max(a, b)] = min(a, b)
@@ -83,14 +87,16 @@ def _geojson(polygons: list[np.ndarray]) -> dict:
     features = []
     for poly in polygons:
         ring = np.round(poly, 2).tolist()
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring + [ring[0]]]},
-            "properties": {
-                "objectType": "annotation",
-                "classification": {"name": "Tumor", "color": [200, 0, 0]},
-            },
-        })
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring + [ring[0]]]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                },
+            }
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -111,13 +117,18 @@ def make_slide(job: dict) -> dict:
         return {**job, "skipped": True, "seconds": 0.0}
     start = time.perf_counter()
     rng = np.random.default_rng([job["seed"], 1, job["index"]])
-    spec = sample_spec(rng, job["label"], job["slide_id"], opts["size_um"], job["mpp"],
-                       opts["max_lesions"])
+    spec = sample_spec(
+        rng, job["label"], job["slide_id"], opts["size_um"], job["mpp"], opts["max_lesions"]
+    )
     image, polygons = render(spec)
     write_pyramid_tiff(tiff, image, job["mpp"], opts["n_levels"], opts["tile"], opts["quality"])
     _write_text(geo, json.dumps(_geojson(polygons)))
-    return {**job, "skipped": False, "seconds": time.perf_counter() - start,
-            "n_lesions": len(polygons)}
+    return {
+        **job,
+        "skipped": False,
+        "seconds": time.perf_counter() - start,
+        "n_lesions": len(polygons),
+    }
 
 
 def _check_resume(out_dir: Path, digest: str) -> bool:
@@ -178,8 +189,7 @@ def make_demo_dataset(
             _log_progress(pool.imap_unordered(make_slide, jobs), len(jobs), start)
     _write_manifest(manifest, plan)
     _write_text(out_dir / ".complete", digest)
-    log.info("demo data: %d slides in %s (%.1f s)", n_slides, out_dir,
-             time.perf_counter() - start)
+    log.info("demo data: %d slides in %s (%.1f s)", n_slides, out_dir, time.perf_counter() - start)
     return manifest
 
 
@@ -188,9 +198,16 @@ def _log_progress(results, total: int, start: float) -> None:
         if res["skipped"]:
             log.debug("demo slide %s exists, skipped", res["slide_id"])
             continue
-        log.info("demo slide %d/%d %s (%s, %d lesions, %.1f s; %.0f s elapsed)", done, total,
-                 res["slide_id"], res["label"], res["n_lesions"], res["seconds"],
-                 time.perf_counter() - start)
+        log.info(
+            "demo slide %d/%d %s (%s, %d lesions, %.1f s; %.0f s elapsed)",
+            done,
+            total,
+            res["slide_id"],
+            res["label"],
+            res["n_lesions"],
+            res["seconds"],
+            time.perf_counter() - start,
+        )
 
 
 def _write_manifest(path: Path, plan: list[dict]) -> None:
@@ -199,6 +216,13 @@ def _write_manifest(path: Path, plan: list[dict]) -> None:
         writer = csv.writer(fh)
         writer.writerow(["slide_id", "case_id", "path", "label", "mpp"])
         for row in plan:
-            writer.writerow([row["slide_id"], row["case_id"], f"slides/{row['slide_id']}.tiff",
-                             row["label"], f"{row['mpp']:g}"])
+            writer.writerow(
+                [
+                    row["slide_id"],
+                    row["case_id"],
+                    f"slides/{row['slide_id']}.tiff",
+                    row["label"],
+                    f"{row['mpp']:g}",
+                ]
+            )
     os.replace(tmp, path)

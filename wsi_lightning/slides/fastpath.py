@@ -298,4 +298,3 @@ class JpegTiffSlide:
             os.close(self._fd)
             self._fd = -1
         self._cache.clear()
-

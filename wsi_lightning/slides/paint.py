@@ -158,8 +158,8 @@ def paint_stroma(canvas: Canvas, spec: SlideSpec) -> None:
     canvas.e = fib
     canvas.h = np.where(canvas.tissue, np.float32(st.haze), np.float32(0))
     if canvas.lesion.any():
-        canvas.e[canvas.lesion] *= np.float32(0.55)
-        canvas.h[canvas.lesion] += np.float32(0.14)
+        canvas.e[canvas.lesion] *= np.float32(0.5)
+        canvas.h[canvas.lesion] += np.float32(0.25)
 
 
 def paint_nuclei(canvas: Canvas, spec: SlideSpec) -> None:
@@ -213,8 +213,15 @@ def stamp_nuclei(
     flat_h = canvas.h.reshape(-1)
     for start in range(0, n, 1024):
         sl = slice(start, start + 1024)
-        vals, idx = _nucleus_windows(xs[sl], ys[sl], {a: b[sl] for a, b in params.items()}, k,
-                                     ns.chromatin, rng, canvas.shape)
+        vals, idx = _nucleus_windows(
+            xs[sl],
+            ys[sl],
+            {a: b[sl] for a, b in params.items()},
+            k,
+            ns.chromatin,
+            rng,
+            canvas.shape,
+        )
         np.add.at(flat_h, idx, vals)
     np.minimum(canvas.h, np.float32(H_MAX), out=canvas.h)
 

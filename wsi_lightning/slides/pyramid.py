@@ -19,8 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def aperio_description(
-    width: int, height: int, level_size: tuple[int, int] | None, tile: int, quality: int,
-    mpp: float, app_mag: float,
+    width: int,
+    height: int,
+    level_size: tuple[int, int] | None,
+    tile: int,
+    quality: int,
+    mpp: float,
+    app_mag: float,
 ) -> str:
     """Aperio ImageDescription; `level_size` adds the ``-> WxH`` of a reduced level."""
     reduced = f" -> {level_size[0]}x{level_size[1]}" if level_size else ""

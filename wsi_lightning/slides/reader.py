@@ -32,7 +32,7 @@ MPP_RTOL = 0.01  # a level within 1% of the requested mpp is used as is (no resa
 _REOPEN_HINT = "check the file is a complete whole-slide image (re-download/re-copy it)"
 
 
-def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's (h, w, 4) non-premultiplied RGBA on white -> (h, w, 3) uint8."""
     alpha = rgba[..., 3:]
     if alpha.min() == 255:
@@ -185,7 +185,7 @@ class SlideReader:
                 return self._fast.read_region(loc, level, (w, h))
             if self._osr is None:
                 raise SlideError(f"slide {self.path}: the reader is closed; open a new one")
-            return _rgba_to_rgb(np.asarray(self._osr.read_region(loc, level, (w, h))))
+            return rgba_to_rgb(np.asarray(self._osr.read_region(loc, level, (w, h))))
         except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as err:
             raise SlideError(
                 f"slide {self.path}: reading {w}x{h} px at level {level} from {loc} failed "

@@ -203,18 +203,35 @@ def sample_spec(
         background=_jitter(rng, Palette.background, 0.5),
     )
     blobs = tuple(
-        (u(0.3, 0.7) * size_um, u(0.3, 0.7) * size_um, u(0.12, 0.28) * size_um,
-         u(0.12, 0.28) * size_um, u(0, np.pi))
+        (
+            u(0.3, 0.7) * size_um,
+            u(0.3, 0.7) * size_um,
+            u(0.12, 0.28) * size_um,
+            u(0.12, 0.28) * size_um,
+            u(0, np.pi),
+        )
         for _ in range(int(rng.integers(2, 5)))
     )
     tissue = TissueSpec(blobs, u(0.35, 0.6), u(0.15, 0.35), u(5, 25), u(10, 30))
     stroma = StromaSpec(u(0.45, 0.7), u(6, 14), u(0, np.pi), u(0.2, 0.6), u(3, 8), u(0.03, 0.1))
     radius = u(2.8, 3.8)
     nuclei = NucleiSpec(u(1500, 4000), radius, 0.15, u(1.2, 2.0), u(0.02, 0.08), u(0.8, 1.1), 0.3)
-    tumour = NucleiSpec(u(5500, 7500), 2 * radius, 0.25, u(1.4, 1.9), u(0.15, 0.25),
-                        u(1.25, 1.5), 0.5)
-    spec = SlideSpec(slide_id, int(rng.integers(2**31)), label, size_um, size_um, mpp, palette,
-                     tissue, stroma, nuclei, tumour)
+    tumour = NucleiSpec(
+        u(6000, 8000), 2 * radius, 0.25, u(1.4, 1.9), u(0.15, 0.25), u(1.4, 1.7), 0.5
+    )
+    spec = SlideSpec(
+        slide_id,
+        int(rng.integers(2**31)),
+        label,
+        size_um,
+        size_um,
+        mpp,
+        palette,
+        tissue,
+        stroma,
+        nuclei,
+        tumour,
+    )
     if label == "tumor":
         n = int(rng.choice(np.arange(1, max_lesions + 1), p=_lesion_count_p(max_lesions)))
         spec = replace(spec, lesions=_place_lesions(rng, spec, n))
@@ -243,10 +260,12 @@ def _place_lesions(rng: np.random.Generator, spec: SlideSpec, n: int) -> tuple[L
     lesions: list[Lesion] = []
     for _ in range(n):
         radius = _lesion_radius(rng, 0.2 * min(spec.width_um, spec.height_um))
-        harmonics = tuple((float(rng.uniform(0, 0.2 / k)), float(rng.uniform(0, 2 * np.pi)))
-                          for k in range(2, 6))
-        lesion = Lesion((0.0, 0.0), radius, float(rng.uniform(1, 1.6)),
-                        float(rng.uniform(0, np.pi)), harmonics)
+        harmonics = tuple(
+            (float(rng.uniform(0, 0.2 / k)), float(rng.uniform(0, 2 * np.pi))) for k in range(2, 6)
+        )
+        lesion = Lesion(
+            (0.0, 0.0), radius, float(rng.uniform(1, 1.6)), float(rng.uniform(0, np.pi)), harmonics
+        )
         while True:
             reach = lesion.max_radius_um
             ok = dist[cells[:, 0], cells[:, 1]] >= reach + 2 * paint.CELL_UM

@@ -68,8 +68,9 @@ class TissueMask:
         exact because the mask is constant within a pixel."""
         h, w = self.mask.shape
         x, y = np.clip(x, 0, w), np.clip(y, 0, h)
-        ix, iy = np.minimum(np.floor(x).astype(np.int64), w - 1), np.minimum(
-            np.floor(y).astype(np.int64), h - 1
+        ix, iy = (
+            np.minimum(np.floor(x).astype(np.int64), w - 1),
+            np.minimum(np.floor(y).astype(np.int64), h - 1),
         )
         fx, fy = x - ix, y - iy
         s = self._integral
@@ -103,8 +104,9 @@ def otsu_threshold(values: np.ndarray) -> float:
     m0 = np.cumsum(hist * levels)
     mean0 = m0 / np.maximum(w0, 1e-12)
     mean1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(np.argmax(between[:-1]))
+    between = (w0 * w1 * (mean0 - mean1) ** 2)[:-1]
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(best.mean())  # middle of the plateau when the modes are separated by a gap
 
 
 def _disk(radius_px: float) -> np.ndarray:
