@@ -8,6 +8,8 @@ each command so that ``wsi --help`` answers at once.
     wsi import-features FILES... --store DIR [--format auto|clam_h5|trident_h5|clam_pt] [--coords-dir DIR]
     wsi fit EXP [key=value ...]
     wsi test RUN_DIR [--ckpt best|last]
+    wsi attribute RUN_DIR [option=value ...]
+    wsi manifest camelyon16 ROOT [--out FILE]
 """
 
 from __future__ import annotations
@@ -142,6 +144,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from wsi_lightning import run
+    from wsi_lightning.config import parse_overrides, to_dict
+
+    run.attribute(args.run_dir, ckpt=args.ckpt, options=to_dict(parse_overrides(args.overrides)))
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from wsi_lightning.data.camelyon16 import build_camelyon16_manifest
+
+    path = build_camelyon16_manifest(Path(args.root), out=Path(args.out) if args.out else None,
+                                     keep_duplicates=args.keep_duplicates)
+    log.info("manifest written: %s (train with: wsi fit <exp> data.manifest=%s)", path, path)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsi", description="wsi_lightning: weakly-supervised WSI learning")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -190,6 +209,19 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--ckpt", default="best", choices=["best", "last"])
     s.set_defaults(func=cmd_test)
+
+    s = sub.add_parser("manifest", help="build a manifest from a public dataset's folder layout")
+    s.add_argument("dataset", choices=["camelyon16"])
+    s.add_argument("root", help="dataset folder as distributed (e.g. /data/CAMELYON16)")
+    s.add_argument("--out", default=None, help="manifest CSV (default <root>/camelyon16_manifest.csv)")
+    s.add_argument("--keep-duplicates", action="store_true", help="keep test_049 / normal_086, flagged")
+    s.set_defaults(func=cmd_manifest)
+
+    s = sub.add_parser("attribute", help="feature attribution + heat-maps of a finished run (CHOWDER / attention MIL)")
+    s.add_argument("run_dir")
+    s.add_argument("overrides", nargs="*", help="FeatureAttribution options, e.g. top_features=7 tile_rule=overlap")
+    s.add_argument("--ckpt", default="best", choices=["best", "last"])
+    s.set_defaults(func=cmd_attribute)
     return p
 
 
@@ -202,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _setup_logging(args.verbose, args.command in ("fit", "test", "extract"))
+    _setup_logging(args.verbose, args.command in ("fit", "test", "extract", "attribute"))
     from wsi_lightning.errors import WSIError
 
     try:

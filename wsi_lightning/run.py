@@ -49,11 +49,23 @@ def _metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
 
 
-def fit(cfg: DictConfig, run_dir: Path | None = None) -> RunResult:
+def _callback_metrics(trainer: L.Trainer) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for cb in trainer.callbacks:
+        m = getattr(cb, "metrics", None)
+        if isinstance(m, dict):
+            out.update({k: float(v) for k, v in m.items()})
+    return out
+
+
+def fit(cfg: DictConfig, run_dir: Path | None = None,
+        extra_callbacks: list[L.Callback] | None = None) -> RunResult:
     """Prepare data (tile + extract what is missing), train, test the best checkpoint.
 
     Writes into the run folder: ``config.resolved.yaml``, ``checkpoints/``, ``metrics.csv``
     (CSV logger), ``val_predictions.csv`` / ``test_predictions.csv`` and ``metrics.json``.
+    ``extra_callbacks`` are appended to the configured ones (e.g. a sweep's early stopping).
+    Callbacks exposing a ``metrics`` dict (e.g. feature attribution) add it to the result.
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
@@ -69,6 +81,7 @@ def fit(cfg: DictConfig, run_dir: Path | None = None) -> RunResult:
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:
         trainer = build.build_trainer(cfg, run_dir)
+        trainer.callbacks.extend(extra_callbacks or [])
         log.info("run folder: %s", run_dir)
         trainer.fit(model, datamodule=dm)
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -78,7 +91,7 @@ def fit(cfg: DictConfig, run_dir: Path | None = None) -> RunResult:
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
-    result = RunResult(run_dir, _metrics(trainer, "test/"), ckpt or None)
+    result = RunResult(run_dir, {**_metrics(trainer, "test/"), **_callback_metrics(trainer)}, ckpt or None)
     if trainer.is_global_zero:
         _write_metrics(result, cfg)
     return result
@@ -127,7 +140,38 @@ def test(run_dir: str | Path, ckpt: str = "best", overrides: list[str] | None = 
     model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", predictions_dir=str(run_dir))
     trainer = build.build_trainer(cfg, run_dir, logger=False)
     trainer.test(model, datamodule=dm, verbose=False)
-    result = RunResult(run_dir, _metrics(trainer, "test/"), str(ckpt_path))
+    result = RunResult(run_dir, {**_metrics(trainer, "test/"), **_callback_metrics(trainer)}, str(ckpt_path))
     if trainer.is_global_zero:
         report_metrics(result)
     return result
+
+
+def attribute(run_dir: str | Path, ckpt: str = "best", options: dict | None = None) -> dict[str, float]:
+    """Feature attribution (``FeatureAttribution``) of a finished run, written to
+    ``<run_dir>/attribution`` and merged into its ``metrics.json``."""
+    import torch
+
+    from wsi_lightning.callbacks.feature_attribution import FeatureAttribution
+    from wsi_lightning.callbacks.feature_attribution import attribute as run_attribution
+
+    run_dir = Path(run_dir)
+    cfg_path, ckpt_path = run_dir / "config.resolved.yaml", run_dir / "checkpoints" / f"{ckpt}.ckpt"
+    for p in (cfg_path, ckpt_path):
+        if not p.exists():
+            raise WSIError(f"{run_dir}: {p.name} missing; pass a finished run folder (runs/<exp>/<timestamp>)")
+    cfg = OmegaConf.load(cfg_path)
+    opts = FeatureAttribution(**(options or {})).opts  # validates the options
+    dm = build.build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("test")
+    cls, _ = build.method_kwargs(cfg)
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    with torch.enable_grad():
+        metrics = run_attribution(model, dm, run_dir / "attribution", **opts)
+    mpath = run_dir / "metrics.json"
+    if mpath.exists():
+        payload = json.loads(mpath.read_text())
+        payload["metrics"].update(metrics)
+        mpath.write_text(json.dumps(payload, indent=2))
+    report_metrics(RunResult(run_dir, metrics, str(ckpt_path)))
+    return metrics

@@ -93,3 +93,14 @@ def test_fold_column(tmp_path: Path):
     assert s["val"] == sorted(f"s{i}" for i in range(30) if i % 5 == 0)
     with pytest.raises(ManifestError, match="folds present"):
         patient_split(m, fold=9)
+
+
+def test_split_column_without_val_carves_val_from_train(tmp_path: Path):
+    r = rows(40, per_case=1)
+    for i, x in enumerate(r):
+        x["split"] = "test" if i >= 30 else "train"
+    m = load_manifest(write(tmp_path, r), check_files=False)
+    s = patient_split(m, val=0.2, seed=0)
+    assert s["test"] == sorted(f"s{i}" for i in range(30, 40))
+    assert len(s["val"]) == 6 and not set(s["val"]) & set(s["train"])
+    assert sorted(s["train"] + s["val"]) == sorted(f"s{i}" for i in range(30))

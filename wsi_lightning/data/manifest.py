@@ -130,7 +130,8 @@ def patient_split(
 ) -> dict[str, list[str]]:
     """Split slides into train / val / test with no case in two splits.
 
-    Priority: a ``split`` column; else, with ``fold`` given and a ``fold`` column, that fold is
+    Priority: a ``split`` column (if it has no ``val`` rows, a ``val`` fraction of the train
+    cases is carved out, stratified); else, with ``fold`` given and a ``fold`` column, that fold is
     test and the next fold (cyclically) is val; else a case-level split stratified by the
     case's label (its most common first-target label).
 
@@ -140,6 +141,9 @@ def patient_split(
     df = m.df
     if "split" in df.columns and (df["split"] != "").all():
         out = {s: sorted(df.loc[df["split"] == s, "slide_id"]) for s in SPLITS}
+        if not out["val"] and val > 0:  # e.g. official train/test only: carve val out of train
+            carved = _stratified_case_split(df[df["split"] == "train"], m.targets[0], val, 0.0, seed)
+            out["train"], out["val"] = carved["train"], carved["val"]
     elif fold is not None:
         if "fold" not in df.columns:
             raise ManifestError(f"manifest {m.source}: data.split.fold={fold} but no 'fold' column")

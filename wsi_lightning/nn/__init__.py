@@ -1,6 +1,6 @@
 """Blocks shared by two or more methods."""
 
 from wsi_lightning.nn.attention import AttentionPool, masked_softmax
-from wsi_lightning.nn.heads import MultiHead, instance_mlp
+from wsi_lightning.nn.heads import MultiHead, decision_mlp, instance_mlp
 
-__all__ = ["AttentionPool", "MultiHead", "instance_mlp", "masked_softmax"]
+__all__ = ["AttentionPool", "MultiHead", "decision_mlp", "instance_mlp", "masked_softmax"]

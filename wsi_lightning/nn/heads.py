@@ -25,3 +25,24 @@ class MultiHead(nn.Module):
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         return {t: head(z) for t, head in self.heads.items()}
+
+
+def decision_mlp(in_dim: int, hidden: tuple[int, ...] = (200, 100), activation: str = "sigmoid",
+                 dropout: float = 0.5) -> nn.Sequential:
+    """The slide-level MLP of CHOWDER and the interpretability study: (..., M) -> (..., hidden[-1]).
+
+    Args:
+        in_dim: slide descriptor size M.
+        hidden: hidden layer sizes (200, 100 in the papers).
+        activation: ``sigmoid`` (CHOWDER) or ``relu``.
+        dropout: dropout before each hidden layer.
+    """
+    acts = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+    if activation not in acts:
+        raise ValueError(f"activation '{activation}' unknown; expected one of {sorted(acts)}")
+    mods: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        mods += [nn.Dropout(dropout), nn.Linear(d, h), acts[activation]()]
+        d = h
+    return nn.Sequential(*mods)
