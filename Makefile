@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXP    ?= abmil
 TABLE  ?=
+DATA   ?= demo
+SWEEP  ?= abmil_lr
 ARGS   ?=
 
 .PHONY: help install test test-all exp demo-data bench lint reproduce sweep clean
@@ -34,6 +36,12 @@ demo-data: $(STAMP)  ## generate the built-in synthetic demo slides
 
 bench: $(STAMP)  ## benchmarks: tile reading, bag loading, extraction (bench/results/*.json)
 	$(PY) -m bench $(ARGS)
+
+reproduce: $(STAMP)  ## paper tables: make reproduce [TABLE=interpretability] [DATA=demo|camelyon16]
+	$(VENV)/bin/wsi reproduce $(TABLE) --data $(DATA) $(ARGS)
+
+sweep: $(STAMP)  ## hyperparameter sweep: make sweep SWEEP=abmil_lr [ARGS="--count 4 --offline"]
+	$(VENV)/bin/wsi sweep $(SWEEP) $(ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check wsi_lightning tests bench

@@ -10,6 +10,8 @@ each command so that ``wsi --help`` answers at once.
     wsi test RUN_DIR [--ckpt best|last]
     wsi attribute RUN_DIR [option=value ...]
     wsi manifest camelyon16 ROOT [--out FILE]
+    wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2]
+    wsi sweep NAME [--count N] [--offline|--online] [key=value ...]
 """
 
 from __future__ import annotations
@@ -161,6 +163,26 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from wsi_lightning import reproduce
+
+    tables = [args.table] if args.table else reproduce.list_tables()
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    for t in tables:
+        md = reproduce.run_table(t, dataset=args.data, seeds=seeds, results=Path(args.results),
+                                 extra_overrides=args.overrides)
+        log.info("%s", md.read_text())
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from wsi_lightning.sweep import run_sweep
+
+    mode = "offline" if args.offline else "online" if args.online else "auto"
+    run_sweep(args.name, count=args.count, mode=mode, overrides=args.overrides)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsi", description="wsi_lightning: weakly-supervised WSI learning")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -210,6 +232,23 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", default="best", choices=["best", "last"])
     s.set_defaults(func=cmd_test)
 
+    s = sub.add_parser("reproduce", help="run a paper table spec (experiments/tables/) and write results/")
+    s.add_argument("table", nargs="?", default=None, help="table name; omitted: every table")
+    s.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    s.add_argument("--data", default="demo", help="dataset listed in the table spec (default: demo)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
+    s.add_argument("--results", default="results")
+    s.set_defaults(func=cmd_reproduce)
+
+    s = sub.add_parser("sweep", help="hyperparameter sweep (experiments/sweeps/), W&B agent or local")
+    s.add_argument("name", help="sweep name (experiments/sweeps/<name>.yaml) or a YAML path")
+    s.add_argument("overrides", nargs="*", help="config overrides for every trial")
+    s.add_argument("--count", type=int, default=None, help="number of trials (default: the file's)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--offline", action="store_true", help="local agent (sweeps package), no W&B server")
+    g.add_argument("--online", action="store_true", help="W&B server sweep + agent")
+    s.set_defaults(func=cmd_sweep)
+
     s = sub.add_parser("manifest", help="build a manifest from a public dataset's folder layout")
     s.add_argument("dataset", choices=["camelyon16"])
     s.add_argument("root", help="dataset folder as distributed (e.g. /data/CAMELYON16)")
@@ -234,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _setup_logging(args.verbose, args.command in ("fit", "test", "extract", "attribute"))
+    _setup_logging(args.verbose, args.command in ("fit", "test", "extract", "attribute", "reproduce", "sweep"))
     from wsi_lightning.errors import WSIError
 
     try:

@@ -13,7 +13,9 @@ Q2: tiles ``J_c`` behind those positions; ``a_c = sum_{(i,j) in J_c} |ds_ij / dd
 gradient x input), top-l features ``k_c``.
 Heat-map: ``H_c,ij = mean_{k in k_c} (d_ijk - min_k) / (max_k - min_k)`` with min / max over all
 evaluated tiles; localisation AUC of H (and of the model's tile scores) against tile ground
-truth.
+truth. Because the attributions are absolute values, a selected feature may carry its evidence
+as a *low* activation, which inverts H; the "oriented" heat-map flips such features (those
+lower on the selected tiles J_c than on average) and is reported beside the paper's.
 
 Choices where the paper is silent (register items 22-24), all options:
     - ``gradient``: ``grad_x_input`` (default) or ``grad``. For CHOWDER's linear scorer the plain
@@ -139,15 +141,35 @@ def tile_attribution(net: torch.nn.Module, evals: list[SlideEval], pairs: list[t
     return total / max(count, 1)
 
 
-def feature_heatmaps(evals: list[SlideEval], features: np.ndarray) -> list[np.ndarray]:
+def feature_heatmaps(evals: list[SlideEval], features: np.ndarray,
+                     signs: np.ndarray | None = None) -> list[np.ndarray]:
     """``H`` per slide: mean over ``features`` of per-feature min-max normalised activations,
-    min / max over every tile of every evaluated slide. Returns one (N_i,) array per slide."""
+    min / max over every tile of every evaluated slide. Returns one (N_i,) array per slide.
+
+    ``signs`` (K,) of +-1 flips features whose evidence is a *low* activation (1 - normalised);
+    None is the paper's heat-map (every feature counts by its activation).
+    """
     k = torch.as_tensor(features)
     acts = [e.features[:, k].numpy() for e in evals]  # (N_i, K)
     allv = np.concatenate(acts, 0)
     lo, hi = allv.min(0), allv.max(0)
     span = np.where(hi > lo, hi - lo, 1.0)
-    return [((a - lo) / span).mean(1) for a in acts]
+    flip = np.zeros(len(features), bool) if signs is None else np.asarray(signs) < 0
+    return [np.where(flip, 1.0 - (a - lo) / span, (a - lo) / span).mean(1) for a in acts]
+
+
+def feature_orientation(evals: list[SlideEval], pairs: list[tuple[int, int]],
+                        features: np.ndarray) -> np.ndarray:
+    """(K,) +1 where a feature is higher on the selected tiles J_c than on all tiles, else -1.
+
+    The attributions are absolute values, so they say *which* features matter, not in which
+    direction; this orients each feature by the tiles that drove the class."""
+    k = torch.as_tensor(features)
+    sel = np.stack([evals[i].features[j, k].numpy() for i, j in pairs]) if pairs else None
+    allv = np.concatenate([e.features[:, k].numpy() for e in evals], 0)
+    if sel is None:
+        return np.ones(len(features))
+    return np.where(sel.mean(0) >= allv.mean(0), 1.0, -1.0)
 
 
 def localisation_auc(pred: list[np.ndarray], gt: list[np.ndarray]) -> float:

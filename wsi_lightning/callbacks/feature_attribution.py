@@ -3,10 +3,12 @@ trained CHOWDER / attention-MIL model, at the end of testing or with ``wsi attri
 
 Outputs in ``<run>/attribution/``:
     selected.csv       Q1 descriptor positions K_c and Q2 features k_c per class, with scores
-    localisation.csv   localisation AUC of the feature-based heat-map and of the tile scores,
-                       over all test slides and over tumour slides only
-    tiles.csv          per tile: slide, coords, ground truth, H, tile score
-    heatmaps/<slide>.png    H over the slide thumbnail, lesion outlines drawn
+                       (and each positive-class feature's orientation, +1 / -1)
+    localisation.csv   localisation AUC of the feature-based heat-map (the paper's, and the
+                       oriented one: see wsi_lightning.interpret) and of the tile scores, over
+                       all test slides and over tumour slides only
+    tiles.csv          per tile: slide, coords, ground truth, H, H_oriented, tile score
+    heatmaps/<slide>.png    oriented H over the slide thumbnail, lesion outlines drawn
     montages/feature_<k>.png  the test tiles that activate each selected feature most
 Metrics (``attribution/...``) are added to the run's ``metrics.json`` and logged to W&B.
 """
@@ -109,14 +111,14 @@ def attribute(module: L.LightningModule, dm: Any, out: Path, positive_class: str
     names = dm.class_names[target]
     pos = names.index(positive_class) if positive_class else len(names) - 1
     evals = ip.evaluate_slides(net, _test_bags(dm, target), target)
-    rows, feats_by_class = [], {}
+    rows, feats_by_class, pairs_by_class = [], {}, {}
     for c, cname in enumerate(names):
         a_desc = ip.descriptor_attribution(evals, c)
         k_pos = np.argsort(-a_desc)[:top_positions]
         pairs = ip.select_tiles(evals, c, k_pos, tile_selection, tiles_per_slide)
         a_feat = ip.tile_attribution(net, evals, pairs, gradient) if pairs else np.zeros(evals[0].features.shape[1])
         k_feat = np.argsort(-a_feat)[:top_features]
-        feats_by_class[c] = k_feat
+        feats_by_class[c], pairs_by_class[c] = k_feat, pairs
         rows += [{"class": cname, "question": "Q1 descriptor position", "rank": r, "index": int(i),
                   "score": float(a_desc[i])} for r, i in enumerate(k_pos)]
         rows += [{"class": cname, "question": "Q2 tile feature", "rank": r, "index": int(i),
@@ -124,12 +126,14 @@ def attribute(module: L.LightningModule, dm: Any, out: Path, positive_class: str
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "selected.csv", index=False)
 
-    heat = ip.feature_heatmaps(evals, feats_by_class[pos])
+    signs = ip.feature_orientation(evals, pairs_by_class[pos], feats_by_class[pos])
+    heat = ip.feature_heatmaps(evals, feats_by_class[pos])  # the paper's H
+    heat_or = ip.feature_heatmaps(evals, feats_by_class[pos], signs)
     gt, has_gt, tile_rows = _ground_truth(dm, evals, pos, tile_rule, min_overlap)
     metrics, loc_rows = {}, []
     subsets = {"all": [i for i in range(len(evals)) if has_gt[i]],
                "tumour_slides": [i for i in range(len(evals)) if has_gt[i] and evals[i].label == pos]}
-    for pname, pred in (("feature", heat), ("tile_scores", [e.scores for e in evals])):
+    for pname, pred in (("feature", heat), ("feature_oriented", heat_or), ("tile_scores", [e.scores for e in evals])):
         for sname, idx in subsets.items():
             auc = ip.localisation_auc([pred[i] for i in idx], [gt[i] for i in idx])
             metrics[f"attribution/loc_auc/{pname}/{sname}"] = auc
@@ -139,9 +143,15 @@ def attribute(module: L.LightningModule, dm: Any, out: Path, positive_class: str
     pd.DataFrame(loc_rows).to_csv(out / "localisation.csv", index=False)
     for i, e in enumerate(evals):
         tile_rows[i]["H"] = heat[i]
+        tile_rows[i]["H_oriented"] = heat_or[i]
         tile_rows[i]["tile_score"] = e.scores
     pd.concat(tile_rows).to_csv(out / "tiles.csv", index=False)
-    _render(dm, evals, heat, feats_by_class[pos], out, max_heatmaps, montage_tiles)
+    sel = pd.read_csv(out / "selected.csv")
+    sel["orientation"] = np.nan
+    q2 = (sel["class"] == names[pos]) & (sel["question"] == "Q2 tile feature")
+    sel.loc[q2, "orientation"] = signs
+    sel.to_csv(out / "selected.csv", index=False)
+    _render(dm, evals, heat_or, feats_by_class[pos], out, max_heatmaps, montage_tiles)
     log.info("feature attribution: %s", {k: round(v, 4) for k, v in metrics.items()})
     return metrics
 
@@ -180,9 +190,15 @@ def _render(dm: Any, evals: list[ip.SlideEval], heat: list[np.ndarray], features
     chosen = evals if max_heatmaps is None else evals[:max_heatmaps]
     for i, e in enumerate(track(chosen, description="attribution heat-maps", transient=True)):
         row, a = df.loc[e.slide_id], dm.store.attrs(e.slide_id)
-        viz.slide_heatmap_png(out / "heatmaps" / f"{e.slide_id}.png", row["path"], _mpp(row), heat[i],
-                              e.coords, float(a["extent_level0"]), find_annotation(row, dm.manifest.source),
-                              title=f"{e.slide_id}: feature-based heat-map H", colorbar_label="H")
+        with SlideReader(row["path"], mpp=_mpp(row)) as r:
+            thumb, thumb_mpp = r.thumbnail(max_size=1024)
+            scale = r.mpp / thumb_mpp  # thumbnail px per level-0 px
+        ann = find_annotation(row, dm.manifest.source)
+        polys = [les.exterior for les in load_lesions(ann)] if ann else None
+        overlay = viz.tile_heatmap(heat[i], e.coords, float(a["extent_level0"]), thumb, scale)
+        viz.save_heatmap_figure(out / "heatmaps" / f"{e.slide_id}.png", thumb, overlay,
+                                f"{e.slide_id} ({dm.class_names[dm.manifest.targets[0]][e.label]}): "
+                                "feature-based heat-map H (oriented)", "H", polygons_level0=polys, thumb_scale=scale)
     for k in features:
         best = sorted(((float(e.features[j, int(k)]), i, j) for i, e in enumerate(evals)
                        for j in np.argsort(-e.features[:, int(k)].numpy())[:montage_tiles]), reverse=True)

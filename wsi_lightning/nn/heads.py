@@ -35,7 +35,8 @@ def decision_mlp(in_dim: int, hidden: tuple[int, ...] = (200, 100), activation: 
         in_dim: slide descriptor size M.
         hidden: hidden layer sizes (200, 100 in the papers).
         activation: ``sigmoid`` (CHOWDER) or ``relu``.
-        dropout: dropout before each hidden layer.
+        dropout: dropout after each hidden layer (never on the descriptor itself: CHOWDER's
+            has only 2R = 10 entries).
     """
     acts = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
     if activation not in acts:
@@ -43,6 +44,6 @@ def decision_mlp(in_dim: int, hidden: tuple[int, ...] = (200, 100), activation: 
     mods: list[nn.Module] = []
     d = in_dim
     for h in hidden:
-        mods += [nn.Dropout(dropout), nn.Linear(d, h), acts[activation]()]
+        mods += [nn.Linear(d, h), acts[activation](), nn.Dropout(dropout)]
         d = h
     return nn.Sequential(*mods)

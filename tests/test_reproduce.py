@@ -1,0 +1,67 @@
+"""A table spec run end to end on tiny data; resume skips complete runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import feature_cfg_overrides
+from wsi_lightning import reproduce
+from wsi_lightning.errors import ConfigError
+
+
+def _spec(tmp_path: Path, bag_data: Path) -> Path:
+    over = [o for o in feature_cfg_overrides(bag_data, tmp_path / "unused", **{"trainer.max_epochs": 1})
+            if not o.startswith("paths.runs")]
+    spec = {
+        "title": "Tiny table",
+        "seeds": [0, 1],
+        "datasets": {"tiny": over},
+        "columns": {"auc": {"metric": "test/auroc", "label": "AUC"}, "acc": {"metric": "test/acc"}},
+        "rows": [{"name": "ABMIL", "experiment": "abmil", "paper": {"auc": 0.9}},
+                 {"name": "Mean pool", "experiment": "mean_pool", "overrides": ["method.embed_dim=32"]}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_table_end_to_end_and_resume(bag_data: Path, tmp_path: Path):
+    spec = _spec(tmp_path, bag_data)
+    md = reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "runs", results=tmp_path / "results")
+    assert md == tmp_path / "results" / "tiny.tiny.md"
+    text = md.read_text()
+    assert "| ABMIL (`abmil`) |" in text and "/ 0.900" in text and "Dataset: **tiny**" in text
+    csv = pd.read_csv(tmp_path / "results" / "tiny.tiny.csv")
+    assert len(csv) == 4 and (csv["n_seeds"] == 2).all()
+    runs = sorted((tmp_path / "runs" / "reproduce" / "tiny" / "tiny").glob("*/seed*/metrics.json"))
+    assert len(runs) == 4
+    auc = csv[(csv.row == "ABMIL") & (csv.column == "auc")].iloc[0]
+    vals = [float(v) for v in auc["values"].split()]
+    assert auc["mean"] == pytest.approx(sum(vals) / 2)
+    assert (tmp_path / "results" / "tiny.tiny_roc.png").exists()
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "runs", results=tmp_path / "results")
+    assert [p.stat().st_mtime_ns for p in runs] == stamps, "complete runs must be skipped"
+
+
+def test_spec_errors(bag_data: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="unknown table"):
+        reproduce.load_spec("nope")
+    spec = yaml.safe_load(_spec(tmp_path, bag_data).read_text())
+    spec["rows"][0]["paper"] = {"f1": 0.5}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"unknown column\(s\) \['f1'\]"):
+        reproduce.load_spec(str(bad))
+    with pytest.raises(ConfigError, match="dataset 'camelyon16' not listed"):
+        reproduce.run_table(str(_spec(tmp_path, bag_data)), dataset="camelyon16", runs=tmp_path / "r")
+
+
+def test_repository_tables_load():
+    for name in reproduce.list_tables():
+        spec = reproduce.load_spec(name)
+        assert "demo" in spec["datasets"]

@@ -1,0 +1,305 @@
+"""Attention heat-maps, top/bottom tile montages and a per-tile CSV for every test slide.
+
+For any method whose ``MILOutput.attention`` is set ((B, N), or (B, H, N) for H maps), the
+callback keeps each test slide's attention over its valid tiles and their level-0 coordinates.
+At the end of the test epoch the slides of all ranks are gathered (each slide once) and rank 0
+writes, under ``<run folder>/<out_dir>/``:
+
+    attention.csv                 slide_id, map, tile, x, y, attention (raw), normalised
+    <slide_id>_heatmap.png        thumbnail | heat-map (annotated lesions outlined if found)
+    <slide_id>_topk.png           the top_k most attended tiles, read from the slide
+    <slide_id>_bottomk.png        the bottom_k least attended tiles
+    (with H > 1 maps: <slide_id>_map<h>_heatmap.png, ... one set per map)
+
+``tile`` is the tile's row in the feature store (test bags are never subsampled). Images need
+the slide files (manifest ``path`` and ``mpp``) and the feature store's tile geometry; without
+them (features imported without slides) the images are skipped with one warning and the CSV
+is still written. Lesion outlines come from a manifest column ``annotation`` (a GeoJSON path,
+relative to the manifest's folder) or ``<manifest folder>/annotations/<slide_id>.geojson``.
+See :mod:`wsi_lightning.viz` for the normalisations.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch.distributed as dist
+
+from wsi_lightning import viz
+from wsi_lightning.errors import ConfigError, WSIError
+from wsi_lightning.registry import CALLBACKS
+
+log = logging.getLogger(__name__)
+
+CSV_NAME = "attention.csv"
+
+
+class ArgumentError(ConfigError, ValueError):
+    """A bad ``attention_logger`` argument: a ValueError the CLI reports without a traceback."""
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or null" if allow_none else ""
+        raise ArgumentError(f"attention_logger: {name}={value!r}; expected an integer >= {minimum}{extra}")
+
+
+@CALLBACKS.register("attention_logger")
+class AttentionLogger(L.Callback):
+    """Write attention heat-maps, tile montages and ``attention.csv`` after testing.
+
+    Args:
+        normalisation: how heat-map values are normalised per slide: ``raw | softmax |
+            minmax | percentile`` (see :mod:`wsi_lightning.viz`).
+        top_k: most attended tiles in the ``_topk.png`` montage (0: no montage).
+        bottom_k: least attended tiles in the ``_bottomk.png`` montage (0: no montage).
+        max_slides: render images for at most this many test slides (sorted by id); null
+            renders all. ``attention.csv`` always holds every slide.
+        thumb_max_size: longest side of the slide thumbnail in pixels.
+        out_dir: output folder, relative to the run folder (``trainer.default_root_dir``).
+        log_images: send the heat-maps and montages to an attached W&B logger.
+        wandb_max_slides: at most this many slides are sent to W&B.
+        cmap: matplotlib colormap of the heat-map.
+        alpha: opacity of the heat-map over the thumbnail, in [0, 1].
+        montage_cols: tiles per row in the montages.
+        annotations: outline annotated lesions (GeoJSON) on the heat-map when available.
+    """
+
+    def __init__(
+        self,
+        normalisation: str = "percentile",
+        top_k: int = 8,
+        bottom_k: int = 8,
+        max_slides: int | None = None,
+        thumb_max_size: int = 1024,
+        out_dir: str = "attention",
+        log_images: bool = True,
+        wandb_max_slides: int = 8,
+        cmap: str = "jet",
+        alpha: float = 0.5,
+        montage_cols: int = 8,
+        annotations: bool = True,
+    ) -> None:
+        import matplotlib
+
+        if normalisation not in viz.NORMALISATIONS:
+            raise ArgumentError(f"attention_logger: normalisation={normalisation!r}; expected one of "
+                             f"{list(viz.NORMALISATIONS)}")
+        _check_int("top_k", top_k, 0)
+        _check_int("bottom_k", bottom_k, 0)
+        _check_int("max_slides", max_slides, 0, allow_none=True)
+        _check_int("thumb_max_size", thumb_max_size, 16)
+        _check_int("wandb_max_slides", wandb_max_slides, 0)
+        _check_int("montage_cols", montage_cols, 1)
+        if not isinstance(out_dir, str | os.PathLike) or not str(out_dir).strip():
+            raise ArgumentError(f"attention_logger: out_dir={out_dir!r}; expected a non-empty folder name")
+        for name, flag in (("log_images", log_images), ("annotations", annotations)):
+            if not isinstance(flag, bool):
+                raise ArgumentError(f"attention_logger: {name}={flag!r}; expected true or false")
+        if cmap not in matplotlib.colormaps:
+            raise ArgumentError(f"attention_logger: cmap={cmap!r} is not a matplotlib colormap; "
+                             "e.g. 'jet', 'viridis', 'inferno', 'coolwarm'")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
+            raise ArgumentError(f"attention_logger: alpha={alpha!r}; expected a number in [0, 1]")
+        self.normalisation, self.top_k, self.bottom_k = normalisation, top_k, bottom_k
+        self.max_slides, self.thumb_max_size, self.out_dir = max_slides, thumb_max_size, str(out_dir)
+        self.log_images, self.wandb_max_slides = log_images, wandb_max_slides
+        self.cmap, self.alpha, self.montage_cols = cmap, float(alpha), montage_cols
+        self.annotations = annotations
+        self._slides: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
+
+    # ----------------------------------------------------------------- collection
+    def _warn_once(self, trainer: L.Trainer, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            if trainer.is_global_zero:
+                log.warning(msg, *args)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._slides = []
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        out = getattr(pl_module, "last_output", None)
+        att = getattr(out, "attention", None)
+        if att is None:
+            self._warn_once(trainer, "none", "attention_logger: %s gives no attention "
+                            "(MILOutput.attention is None); no attention maps are written",
+                            type(pl_module).__name__)
+            return
+        mask, coords = getattr(batch, "mask", None), getattr(batch, "coords", None)
+        att = att[:, None] if att.ndim == 2 else att  # (B, H, N)
+        if mask is None or coords is None or att.ndim != 3 or att.shape[-1] != mask.shape[1]:
+            self._warn_once(trainer, "shape", "attention_logger: attention of shape %s does not "
+                            "match the batch (expected (B, N) or (B, H, N) with a Bag's mask); "
+                            "skipped", tuple(att.shape))
+            return
+        att = att.detach().float().cpu().numpy()
+        mask, coords = mask.cpu().numpy().astype(bool), coords.cpu().numpy()
+        for b, sid in enumerate(batch.slide_ids):
+            self._slides.append({"slide_id": str(sid), "attention": att[b][:, mask[b]],  # (H, n)
+                                 "coords": coords[b][mask[b]].astype(np.int64)})  # (n, 2)
+
+    def _gather(self, trainer: L.Trainer) -> list[dict[str, Any]]:
+        """Every rank's slides, each slide once, sorted by id (all ranks must call this)."""
+        slides = self._slides
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            parts: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, slides)
+            slides = [s for part in parts for s in part]
+        unique: dict[str, dict[str, Any]] = {}
+        for s in slides:
+            unique.setdefault(s["slide_id"], s)
+        return [unique[k] for k in sorted(unique)]
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        slides = self._gather(trainer)
+        self._slides = []
+        if not trainer.is_global_zero or not slides:
+            return
+        out = Path(trainer.default_root_dir) / self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        self.write_csv(slides, out / CSV_NAME)
+        todo = slides if self.max_slides is None else slides[: self.max_slides]
+        images = self._render_all(trainer, todo, out) if todo else {}
+        log.info("attention_logger: %d slides in %s; images for %d in %s", len(slides),
+                 out / CSV_NAME, len(images), out)
+        if images and self.log_images:
+            self._log_wandb(trainer, images)
+
+    # ----------------------------------------------------------------- CSV
+    def write_csv(self, slides: list[dict[str, Any]], path: Path) -> None:
+        """One row per (slide, map, tile), written atomically."""
+        parts = []
+        for s in slides:
+            att, xy = s["attention"], s["coords"]  # (H, n), (n, 2)
+            for h in range(att.shape[0]):
+                parts.append(pd.DataFrame({
+                    "slide_id": s["slide_id"], "map": h, "tile": np.arange(att.shape[1]),
+                    "x": xy[:, 0], "y": xy[:, 1], "attention": att[h],
+                    "normalised": viz.normalise(att[h], self.normalisation)}))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+
+    # ----------------------------------------------------------------- images
+    def _render_all(self, trainer: L.Trainer, slides: list[dict[str, Any]],
+                    out: Path) -> dict[str, dict[str, list[Path]]]:
+        """Render every slide; returns {slide_id: {"heatmap": [...], "topk": [...], ...}}."""
+        from rich.progress import Progress
+
+        dm = trainer.datamodule
+        manifest, store = getattr(dm, "manifest", None), getattr(dm, "store", None)
+        if manifest is None or store is None:
+            log.warning("attention_logger: the datamodule (%s) has no manifest/feature store, so "
+                        "slide images cannot be read; heat-maps skipped, %s written",
+                        type(dm).__name__, CSV_NAME)
+            return {}
+        rows = manifest.df.set_index("slide_id")
+        done: dict[str, dict[str, list[Path]]] = {}
+        failed: list[tuple[str, str]] = []
+        show = trainer.progress_bar_callback is not None and len(slides) > 3
+        with Progress(transient=True, disable=not show) as bar:
+            task = bar.add_task("attention maps", total=len(slides))
+            for s in slides:
+                try:
+                    done[s["slide_id"]] = self._render_slide(s, rows, manifest.source, store, out)
+                except (WSIError, OSError, KeyError, ValueError) as e:
+                    failed.append((s["slide_id"], f"{type(e).__name__}: {e}"))
+                bar.advance(task)
+        if failed:
+            log.warning("attention_logger: no images for %d of %d slides (slide files or tile "
+                        "geometry unavailable; first: %s: %s); %s has every slide", len(failed),
+                        len(slides), failed[0][0], failed[0][1], CSV_NAME)
+        return done
+
+    def _render_slide(self, s: dict[str, Any], rows: pd.DataFrame, manifest_path: Path,
+                      store: Any, out: Path) -> dict[str, list[Path]]:
+        from wsi_lightning.slides import SlideReader
+
+        sid, att, xy = s["slide_id"], s["attention"], s["coords"]  # (H, n), (n, 2)
+        row = rows.loc[sid]
+        attrs = store.attrs(sid)
+        extent = attrs.get("extent_level0")
+        if not extent:
+            raise ValueError(f"feature store has no extent_level0 for slide '{sid}'")
+        mpp = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
+        polygons = self._polygons(sid, row, manifest_path) if self.annotations else []
+        paths: dict[str, list[Path]] = {"heatmap": [], "topk": [], "bottomk": []}
+        with SlideReader(row["path"], mpp=mpp) as reader:
+            thumb, thumb_mpp = reader.thumbnail(max_size=self.thumb_max_size)
+            scale = reader.mpp / thumb_mpp  # thumbnail px per level-0 px
+            tiles: dict[int, np.ndarray] = {}
+            for h in range(att.shape[0]):
+                stem = sid if att.shape[0] == 1 else f"{sid}_map{h}"
+                norm = viz.normalise(att[h], self.normalisation)
+                vmin, vmax = viz.display_range(norm, self.normalisation)
+                overlay = viz.tile_heatmap(viz.to_unit(norm, vmin, vmax), xy, float(extent), thumb,
+                                           scale, cmap=self.cmap, alpha=self.alpha)
+                title = f"{sid}" + ("" if att.shape[0] == 1 else f" map{h}") + f" ({len(xy)} tiles)"
+                paths["heatmap"].append(viz.save_heatmap_figure(
+                    out / f"{stem}_heatmap.png", thumb, overlay, title,
+                    f"attention ({self.normalisation})", vmin, vmax, self.cmap, polygons, scale))
+                order = np.argsort(-att[h], kind="stable")
+                for kind, k, idx in (("topk", self.top_k, order), ("bottomk", self.bottom_k, order[::-1])):
+                    if k:
+                        paths[kind].append(self._montage(reader, attrs, tiles, idx[:k], att[h], norm,
+                                                         xy, out / f"{stem}_{kind}.png", f"{sid} {kind}"))
+        return paths
+
+    def _montage(self, reader: Any, attrs: dict[str, Any], cache: dict[int, np.ndarray],
+                 idx: np.ndarray, att: np.ndarray, norm: np.ndarray, xy: np.ndarray,
+                 path: Path, title: str) -> Path:
+        """Tiles ``idx`` read as the backbone saw them (store mpp / tile size), captioned."""
+        size, mpp = attrs.get("tile_size"), attrs.get("mpp")
+        if not size or not mpp:  # unknown read geometry: level-0 pixels of the tile's extent
+            size, mpp = int(attrs["extent_level0"]), reader.mpp
+        for i in idx:
+            if int(i) not in cache:
+                x, y = (int(v) for v in xy[i])
+                cache[int(i)] = reader.read_at_mpp((x, y), (int(size), int(size)), float(mpp))
+        labels = [f"#{r + 1} tile {int(i)}\na={att[i]:.3g} n={norm[i]:.3g}" for r, i in enumerate(idx)]
+        return viz.tile_montage([cache[int(i)] for i in idx], labels, self.montage_cols, path, title)
+
+    def _polygons(self, sid: str, row: pd.Series, manifest_path: Path) -> list[np.ndarray]:
+        """Lesion polygons (level-0) from the manifest's ``annotation`` column or the
+        ``annotations/<slide_id>.geojson`` file beside the manifest; [] when none."""
+        base = Path(manifest_path).parent
+        given = row.get("annotation")
+        if isinstance(given, str) and given.strip():
+            path = Path(given.strip())
+            path = path if path.is_absolute() else base / path
+        else:
+            path = base / "annotations" / f"{sid}.geojson"
+        if not path.exists():
+            return []
+        try:
+            return viz.load_polygons(path)
+        except (OSError, ValueError, TypeError, IndexError, AttributeError) as e:
+            log.warning("attention_logger: cannot read annotations %s (%s); no outlines for '%s'",
+                        path, e, sid)
+            return []
+
+    # ----------------------------------------------------------------- W&B
+    def _log_wandb(self, trainer: L.Trainer, images: dict[str, dict[str, list[Path]]]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        ids = sorted(images)[: self.wandb_max_slides]
+        if not loggers or not ids:
+            return
+        for kind in ("heatmap", "topk", "bottomk"):
+            files = [(f"{sid}/{p.stem}", str(p)) for sid in ids for p in images[sid][kind]]
+            if files:
+                for lg in loggers:
+                    lg.log_image(key=f"{self.out_dir}/{kind}", images=[f for _, f in files],
+                                 step=trainer.global_step, caption=[c for c, _ in files])

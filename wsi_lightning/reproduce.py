@@ -1,0 +1,208 @@
+"""Run a paper's table spec and write our numbers beside the paper's.
+
+A spec (``experiments/tables/<paper>.yaml``) names the rows (experiment + overrides), seeds,
+columns (metric keys) and the paper's published numbers, plus the datasets it can run on
+(``demo`` = the built-in synthetic data; others add overrides such as ``data.manifest``).
+Every (row, seed) is a normal run in a fixed folder ``<runs>/reproduce/<paper>/<dataset>/
+<row>/seed<k>``; a folder whose ``metrics.json`` has every column is skipped, so an interrupted
+``make reproduce`` resumes. Results: ``results/<paper>.md`` / ``.csv`` (``<paper>.<dataset>.*``
+for datasets other than demo) and ROC curves per row (``<paper>_roc.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from wsi_lightning import config
+from wsi_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+TABLES_DIR = config.EXPERIMENTS_DIR / "tables"
+SPEC_KEYS = {"title", "seeds", "datasets", "columns", "rows", "notes"}
+
+
+@dataclass
+class Cell:
+    values: list[float]
+    paper: float | None
+
+    def mean_std(self) -> tuple[float, float]:
+        v = np.array([x for x in self.values if np.isfinite(x)], dtype=float)
+        return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (np.nan, np.nan)
+
+
+def list_tables() -> list[str]:
+    return sorted(p.stem for p in TABLES_DIR.glob("*.yaml"))
+
+
+def load_spec(name: str) -> dict:
+    """Read and check a table spec (every row's experiment and overrides are loaded once)."""
+    path = Path(name) if name.endswith(".yaml") else TABLES_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown table '{name}' (no {path}); available: {list_tables()}")
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"table {path}: unknown key(s) {sorted(unknown)}; valid: {sorted(SPEC_KEYS)}")
+    for key in ("seeds", "columns", "rows"):
+        if not spec.get(key):
+            raise ConfigError(f"table {path}: '{key}' is missing or empty")
+    spec.setdefault("datasets", {"demo": []})
+    spec["name"], spec["path"] = path.stem, path
+    for i, row in enumerate(spec["rows"]):
+        for k in ("name", "experiment"):
+            if k not in row:
+                raise ConfigError(f"table {path}: rows[{i}] needs '{k}'")
+        bad = set(row.get("paper", {}) or {}) - set(spec["columns"])
+        if bad:
+            raise ConfigError(f"table {path}: rows[{i}] ({row['name']}) has paper numbers for unknown "
+                              f"column(s) {sorted(bad)}; columns: {sorted(spec['columns'])}")
+        config.load(row["experiment"], list(row.get("overrides", [])))  # fails early on bad keys
+    return spec
+
+
+def _row_dir(spec: dict, dataset: str, row: dict, seed: int, runs: Path) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in row["name"])
+    return runs / "reproduce" / spec["name"] / dataset / slug / f"seed{seed}"
+
+
+def _complete(run_dir: Path, metrics: list[str]) -> dict | None:
+    p = run_dir / "metrics.json"
+    if not p.exists():
+        return None
+    m = json.loads(p.read_text())["metrics"]
+    return m if all(k in m for k in metrics) else None
+
+
+def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, runs: Path | None = None,
+              results: Path = Path("results"), extra_overrides: list[str] | None = None) -> Path:
+    """Run every (row, seed) of a table that is not complete yet, then write the results.
+
+    Returns:
+        The markdown results file.
+    """
+    from wsi_lightning import run
+
+    spec = load_spec(name)
+    if dataset not in spec["datasets"]:
+        raise ConfigError(f"table {spec['path']}: dataset '{dataset}' not listed; available: {sorted(spec['datasets'])}")
+    seeds = list(seeds if seeds is not None else spec["seeds"])
+    data_over = list(spec["datasets"][dataset] or []) + list(extra_overrides or [])
+    if runs is None:  # paths.runs of the (overridden) config
+        first = spec["rows"][0]
+        runs = Path(config.load(first["experiment"], [*first.get("overrides", []), *data_over]).paths.runs)
+    metrics = [c["metric"] for c in spec["columns"].values()]
+    collected: dict[str, list[dict]] = {}
+    t0 = time.perf_counter()
+    for row in spec["rows"]:
+        for seed in seeds:
+            run_dir = _row_dir(spec, dataset, row, seed, runs)
+            done = _complete(run_dir, metrics)
+            if done is None:
+                log.info("table %s: %s, seed %d -> %s", spec["name"], row["name"], seed, run_dir)
+                shutil.rmtree(run_dir, ignore_errors=True)  # a partial run is redone
+                over = [*row.get("overrides", []), *data_over, f"seed={seed}"]
+                cfg = config.load(row["experiment"], over, demo=(dataset == "demo"))
+                done = run.fit(cfg, run_dir=run_dir).metrics
+            else:
+                log.info("table %s: %s, seed %d already complete (%s)", spec["name"], row["name"], seed, run_dir)
+            collected.setdefault(row["name"], []).append({"seed": seed, "run_dir": run_dir, **done})
+    log.info("table %s: all runs done in %.0f s", spec["name"], time.perf_counter() - t0)
+    return write_results(spec, dataset, collected, results)
+
+
+def _cells(spec: dict, collected: dict[str, list[dict]]) -> list[dict]:
+    out = []
+    for row in spec["rows"]:
+        recs = collected.get(row["name"], [])
+        for col, c in spec["columns"].items():
+            cell = Cell([float(r.get(c["metric"], np.nan)) for r in recs], (row.get("paper") or {}).get(col))
+            mean, std = cell.mean_std()
+            out.append({"row": row["name"], "experiment": row["experiment"], "column": col,
+                        "label": c.get("label", col), "metric": c["metric"], "mean": mean, "std": std,
+                        "n_seeds": len(cell.values), "values": " ".join(f"{v:.4f}" for v in cell.values),
+                        "paper": cell.paper})
+    return out
+
+
+def write_results(spec: dict, dataset: str, collected: dict[str, list[dict]], results: Path) -> Path:
+    """Markdown + CSV tables (ours mean +- std | paper) and ROC curves per row."""
+    results.mkdir(parents=True, exist_ok=True)
+    stem = spec["name"] if dataset == "demo" else f"{spec['name']}.{dataset}"
+    cells = pd.DataFrame(_cells(spec, collected))
+    cells.insert(0, "dataset", dataset)
+    cells.to_csv(results / f"{stem}.csv", index=False)
+    cols = list(spec["columns"])
+    head = "| Row | " + " | ".join(spec["columns"][c].get("label", c) for c in cols) + " |"
+    lines = [f"# {spec.get('title', spec['name'])}", "",
+             f"Dataset: **{dataset}**{' (built-in synthetic demo data, not the paper data)' if dataset == 'demo' else ''}. "
+             f"Seeds: {sorted({r['seed'] for rs in collected.values() for r in rs})}. "
+             "Cells: ours mean +- std over seeds / paper.", "",
+             f"Command: `make reproduce TABLE={spec['name']} DATA={dataset}` "
+             f"(or `wsi reproduce {spec['name']} --data {dataset}`)", "", head,
+             "|" + "---|" * (len(cols) + 1)]
+    for row in spec["rows"]:
+        sub = cells[cells["row"] == row["name"]].set_index("column")
+        parts = []
+        for c in cols:
+            m, s, p = sub.loc[c, "mean"], sub.loc[c, "std"], sub.loc[c, "paper"]
+            ours = "n/a" if not np.isfinite(m) else f"{m:.3f} +- {s:.3f}"
+            parts.append(f"{ours} / {'-' if p is None or pd.isna(p) else f'{float(p):.3f}'}")
+        lines.append(f"| {row['name']} (`{row['experiment']}`) | " + " | ".join(parts) + " |")
+    if spec.get("notes"):
+        lines += ["", str(spec["notes"]).strip()]
+    roc = _plot_roc(spec, collected, results / f"{stem}_roc.png")
+    if roc:
+        lines += ["", f"ROC curves per row: `{roc.name}`"]
+    lines += ["", "Runs: " + ", ".join(sorted({str(Path(r['run_dir']).parent.parent) for rs in collected.values() for r in rs}))]
+    md = results / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    log.info("wrote %s and %s", md, results / f"{stem}.csv")
+    return md
+
+
+def _plot_roc(spec: dict, collected: dict[str, list[dict]], path: Path) -> Path | None:
+    """One panel per row, one curve per seed, from each run's test_predictions.csv (binary)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rows = [r for r in spec["rows"] if collected.get(r["name"])]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 4), squeeze=False)
+    drawn = False
+    for ax, row in zip(axes[0], rows, strict=True):
+        for rec in collected[row["name"]]:
+            p = Path(rec["run_dir"]) / "test_predictions.csv"
+            if not p.exists():
+                continue
+            df = pd.read_csv(p)
+            probs = [c for c in df.columns if c.startswith("prob_")]
+            if len(probs) != 2:
+                continue
+            y = (df["label"].astype(str) == probs[1][5:]).astype(int)
+            if y.nunique() < 2:
+                continue
+            fpr, tpr, _ = roc_curve(y, df[probs[1]])
+            ax.plot(fpr, tpr, lw=1.2, label=f"seed {rec['seed']} (AUC {roc_auc_score(y, df[probs[1]]):.3f})")
+            drawn = True
+        ax.plot([0, 1], [0, 1], "k--", lw=0.6)
+        ax.set(title=row["name"], xlabel="false positive rate", ylabel="true positive rate")
+        ax.legend(loc="lower right", fontsize=8)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
