@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from wsi_lightning import viz
+from wsi_lightning.slides.annotations import load_lesions
 
 
 def test_raw_keeps_values_and_nan():
@@ -87,7 +88,7 @@ def test_load_and_draw_polygons(tmp_path: Path):
         {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}},
         {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}, "properties": {}}]}
     (tmp_path / "a.geojson").write_text(json.dumps(doc))
-    polys = viz.load_polygons(tmp_path / "a.geojson")
+    polys = [les.exterior for les in load_lesions(tmp_path / "a.geojson")]
     assert len(polys) == 1 and polys[0].shape == (4, 2)
     img = np.full((30, 30, 3), 255, np.uint8)
     drawn = viz.draw_polygons(img, polys, 0.5, color=(0, 0, 0))

@@ -21,7 +21,6 @@ up the scale, and the colour bar shows the actual values).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,26 +156,6 @@ def tile_heatmap(
 
 
 # ----------------------------------------------------------------------------- annotations
-def load_polygons(path: str | os.PathLike) -> list[np.ndarray]:
-    """Exterior rings of the Polygons / MultiPolygons of a GeoJSON file (QuPath export).
-
-    Args:
-        path: a FeatureCollection, a single Feature or a list of Features, in level-0 pixels.
-
-    Returns:
-        list of (K, 2) float arrays of level-0 (x, y) vertices.
-    """
-    doc = json.loads(Path(path).read_text())
-    feats = doc if isinstance(doc, list) else doc.get("features", [doc])
-    rings: list[np.ndarray] = []
-    for f in feats:
-        geom = (f or {}).get("geometry") or {}
-        kind, coords = geom.get("type"), geom.get("coordinates") or []
-        polys = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
-        rings += [np.asarray(p[0], dtype=np.float64)[:, :2] for p in polys if p and len(p[0]) >= 3]
-    return rings
-
-
 def draw_polygons(
     ax_or_image: Any,
     polygons_level0: Sequence[np.ndarray],

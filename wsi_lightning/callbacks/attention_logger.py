@@ -271,22 +271,17 @@ class AttentionLogger(L.Callback):
         return viz.tile_montage([cache[int(i)] for i in idx], labels, self.montage_cols, path, title)
 
     def _polygons(self, sid: str, row: pd.Series, manifest_path: Path) -> list[np.ndarray]:
-        """Lesion polygons (level-0) from the manifest's ``annotation`` column or the
-        ``annotations/<slide_id>.geojson`` file beside the manifest; [] when none."""
-        base = Path(manifest_path).parent
-        given = row.get("annotation")
-        if isinstance(given, str) and given.strip():
-            path = Path(given.strip())
-            path = path if path.is_absolute() else base / path
-        else:
-            path = base / "annotations" / f"{sid}.geojson"
-        if not path.exists():
+        """Lesion outlines (level-0 exteriors) of the slide's annotation; [] when none."""
+        from wsi_lightning.errors import WSIError
+        from wsi_lightning.slides.annotations import find_annotation, load_lesions
+
+        path = find_annotation(row, Path(manifest_path))
+        if path is None or not path.exists():
             return []
         try:
-            return viz.load_polygons(path)
-        except (OSError, ValueError, TypeError, IndexError, AttributeError) as e:
-            log.warning("attention_logger: cannot read annotations %s (%s); no outlines for '%s'",
-                        path, e, sid)
+            return [les.exterior for les in load_lesions(path)]
+        except WSIError as e:
+            log.warning("attention_logger: %s; no outlines for '%s'", e, sid)
             return []
 
     # ----------------------------------------------------------------- W&B

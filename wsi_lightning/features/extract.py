@@ -61,7 +61,7 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
 
     sid, path = str(row["slide_id"]), str(row["path"])
     mpp_override = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
-    key = f"{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}"
+    key = f"v2_{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}"  # v2: large holes kept
     cache = tiles_dir / f"{sid}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)

@@ -71,7 +71,8 @@ def find_annotation(row: pd.Series, manifest_source: Path) -> Path | None:
     if isinstance(val, str) and val.strip():
         p = Path(val)
         return p if p.is_absolute() else manifest_source.parent / p
-    cand = manifest_source.parent / "annotations" / f"{row['slide_id']}.geojson"
+    sid = row["slide_id"] if "slide_id" in row else row.name  # a row of a slide_id-indexed frame
+    cand = manifest_source.parent / "annotations" / f"{sid}.geojson"
     return cand if cand.exists() else None
 
 

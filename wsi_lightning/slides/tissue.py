@@ -124,6 +124,7 @@ def segment_tissue(
     close_um: float = 24.0,
     open_um: float = 8.0,
     fill_holes: bool = True,
+    max_hole_um2: float | None = 2_000.0,
 ) -> TissueMask:
     """Segment tissue on a thumbnail.
 
@@ -137,6 +138,8 @@ def segment_tissue(
             too (dark, unsaturated tissue); set to 0 to use saturation only.
         close_um, open_um: radii of the closing (bridges gaps) and opening (removes specks).
         fill_holes: fill holes enclosed by tissue (lumens, fat).
+        max_hole_um2: only holes smaller than this are filled (None: all); larger lumens and
+            fat stay background, so no tile lands on an empty hole inside the tissue.
 
     Returns:
         TissueMask at the thumbnail's mpp.
@@ -160,7 +163,12 @@ def segment_tissue(
         mask = ndimage.binary_opening(mask, _disk(open_um / mpp))
     mask = mask[pad:-pad, pad:-pad]
     if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        holes = ndimage.binary_fill_holes(mask) & ~mask
+        if max_hole_um2 is not None:
+            hl, nh = ndimage.label(holes)
+            small = np.concatenate([[False], np.bincount(hl.ravel())[1:] * mpp * mpp < max_hole_um2])
+            holes = small[hl]
+        mask = mask | holes
     labels, n = ndimage.label(mask)
     if n:
         sizes = np.bincount(labels.ravel())[1:] * mpp * mpp
