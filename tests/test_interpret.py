@@ -117,3 +117,19 @@ def test_callback_argument_validation():
         FeatureAttribution(gradient="hessian")
     with pytest.raises(ValueError, match="top_features must be >= 1"):
         FeatureAttribution(top_features=0)
+
+
+def test_attribute_command_on_a_finished_run(planted: Path, tmp_path: Path):
+    from wsi_lightning.cli import main
+
+    over = feature_cfg_overrides(planted, tmp_path / "runs", **{
+        "trainer.max_epochs": 2, "method.scorer_l2": 0.0})
+    res = run.fit(config.load("chowder", over))
+    assert not (res.run_dir / "attribution").exists()
+    assert main(["attribute", str(res.run_dir), "top_features=3", "gradient=grad", "tile_rule=overlap"]) == 0
+    sel = pd.read_csv(res.run_dir / "attribution" / "selected.csv")
+    assert (sel[sel["question"] == "Q2 tile feature"].groupby("class").size() <= 3).all()
+    assert pd.read_csv(res.run_dir / "attribution" / "localisation.csv")["tile_rule"].eq("overlap").all()
+    metrics = json.loads((res.run_dir / "metrics.json").read_text())["metrics"]
+    assert "test/auroc" in metrics and "attribution/loc_auc/feature/all" in metrics
+    assert main(["attribute", str(res.run_dir), "gradient=hessian"]) == 2

@@ -16,6 +16,10 @@ class ConfigError(WSIError):
     """Unknown or invalid configuration key or value."""
 
 
+class ArgumentError(ConfigError, ValueError):
+    """A bad argument of a callback or other configured object (also a ValueError)."""
+
+
 class ManifestError(WSIError):
     """A manifest CSV that is missing columns or has a bad row."""
 

@@ -32,16 +32,12 @@ import pandas as pd
 import torch.distributed as dist
 
 from wsi_lightning import viz
-from wsi_lightning.errors import ConfigError, WSIError
+from wsi_lightning.errors import ArgumentError, WSIError
 from wsi_lightning.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
 
 CSV_NAME = "attention.csv"
-
-
-class ArgumentError(ConfigError, ValueError):
-    """A bad ``attention_logger`` argument: a ValueError the CLI reports without a traceback."""
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:

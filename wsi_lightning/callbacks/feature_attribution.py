@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from wsi_lightning import interpret as ip
+from wsi_lightning.errors import ArgumentError
 from wsi_lightning.registry import CALLBACKS
 from wsi_lightning.slides.annotations import TILE_RULES, find_annotation, load_lesions, tile_labels
 
@@ -56,13 +57,13 @@ class FeatureAttribution(L.Callback):
                   "tile_rule": (tile_rule, TILE_RULES)}
         for name, (val, allowed) in checks.items():
             if val not in allowed:
-                raise ValueError(f"FeatureAttribution: {name}='{val}'; expected one of {list(allowed)}")
+                raise ArgumentError(f"FeatureAttribution: {name}='{val}'; expected one of {list(allowed)}")
         for name, val in (("top_positions", top_positions), ("top_features", top_features),
                           ("tiles_per_slide", tiles_per_slide), ("montage_tiles", montage_tiles)):
             if int(val) < 1:
-                raise ValueError(f"FeatureAttribution: {name} must be >= 1, got {val}")
+                raise ArgumentError(f"FeatureAttribution: {name} must be >= 1, got {val}")
         if not 0 < min_overlap <= 1:
-            raise ValueError(f"FeatureAttribution: min_overlap must be in (0, 1], got {min_overlap}")
+            raise ArgumentError(f"FeatureAttribution: min_overlap must be in (0, 1], got {min_overlap}")
         self.opts = dict(positive_class=positive_class, top_positions=int(top_positions),
                          top_features=int(top_features), gradient=gradient, tile_selection=tile_selection,
                          tiles_per_slide=int(tiles_per_slide), tile_rule=tile_rule,

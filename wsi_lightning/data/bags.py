@@ -90,6 +90,8 @@ class BagDataModule(L.LightningDataModule):
         self.split_cfg = dict(split or {})
         self.batch_size, self.max_bag_size, self.num_workers = batch_size, max_bag_size, num_workers
         self._prepare = prepare
+        # a split smaller than the number of ranks leaves some ranks without a slide (Lightning hook)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.splits: dict[str, list[str]] = {}
         self.datasets: dict[str, BagDataset] = {}
 
