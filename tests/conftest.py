@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
+# Tests never write demo data or features into the repository's data/ folder.
+os.environ["WSI_DATA_ROOT"] = tempfile.mkdtemp(prefix="wsi_test_data_")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -47,3 +47,15 @@ def test_import_features_cli(tmp_path: Path):
     assert main(["import-features", str(src), "--store", str(tmp_path / "store")]) == 0
     store = FeatureStore(tmp_path / "store")
     assert store.complete_slides() == ["a", "b"] and store.read("a")[0].shape == (7, 12)
+
+
+def test_config_errors_fail_before_any_data_work(tmp_path: Path, monkeypatch):
+    """A bad method name must not first generate the demo data set."""
+    import wsi_lightning.build as build
+
+    def boom(*a, **k):
+        raise AssertionError("data preparation started before the config was checked")
+
+    monkeypatch.setattr(build, "build_datamodule", boom)
+    assert main(["fit", "abmil", "method.name=transmil", f"paths.runs={tmp_path}"]) == 2
+    assert main(["fit", "abmil", "callbacks=[{name: nope}]", f"paths.runs={tmp_path}"]) == 2

@@ -69,6 +69,8 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    build.method_kwargs(cfg)  # config errors fail here, before any data is generated or extracted
+    build.build_callbacks(cfg, run_dir)
     if cfg.data.is_demo:
         log.info("no data.manifest configured: running on the built-in synthetic demo data "
                  "(%s); the experiment's demo: overrides are applied", build.demo_dir(cfg))
