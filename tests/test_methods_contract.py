@@ -19,13 +19,16 @@ D = 16
 TASKS = {"single": {"label": 2}, "multitag": {"stain": 3, "organ": 4}}
 
 
-def make_bag(b: int = 3, n: int = 12, pad_to: int | None = None, seed: int = 0) -> Bag:
+S = 3  # scales of multi-scale bags
+
+
+def make_bag(b: int = 3, n: int = 12, pad_to: int | None = None, seed: int = 0, scales: int | None = None) -> Bag:
     g = torch.Generator().manual_seed(seed)
     lens = torch.tensor([n - i for i in range(b)])
     nmax = pad_to or n
-    feats = torch.randn(b, nmax, D, generator=g)
+    feats = torch.randn(b, nmax, *((scales,) if scales else ()), D, generator=g)
     mask = torch.arange(nmax)[None] < lens[:, None]
-    feats = feats.masked_fill(~mask[..., None], 0.0)
+    feats = feats * mask.view(b, nmax, *([1] * (feats.dim() - 2)))
     coords = torch.zeros(b, nmax, 2, dtype=torch.long)
     return Bag(feats, mask, coords, {}, [f"s{i}" for i in range(b)])
 
@@ -34,10 +37,15 @@ def build(name: str, task: str = "single"):
     return METHODS.get(name)(in_dim=D, num_classes=TASKS[task]).eval()
 
 
+def scales_of(name: str) -> int | None:
+    """Multi-scale methods take (B, N, S, D) bags."""
+    return S if getattr(METHODS.get(name), "input_kind", "bag") == "multiscale" else None
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("name", METHODS.names())
 def test_shapes_and_no_nan(name: str, task: str):
-    out = build(name, task)(make_bag())
+    out = build(name, task)(make_bag(scales=scales_of(name)))
     assert set(out.logits) == set(TASKS[task])
     for t, c in TASKS[task].items():
         assert out.logits[t].shape == (3, c)
@@ -50,10 +58,10 @@ def test_shapes_and_no_nan(name: str, task: str):
 def test_mask_invariance(name: str):
     """Padding a bag with garbage instances must not change its output."""
     model = build(name)
-    small = make_bag(b=2, n=10)
-    big = make_bag(b=2, n=10, pad_to=25)
+    small = make_bag(b=2, n=10, scales=scales_of(name))
+    big = make_bag(b=2, n=10, pad_to=25, scales=scales_of(name))
     big.features[:, :10] = small.features
-    big.features[~big.mask] = 1e3 * torch.randn(int((~big.mask).sum()), D)
+    big.features[~big.mask] = 1e3 * torch.randn_like(big.features[~big.mask])
     with torch.no_grad():
         a, b = model(small), model(big)
     for t in a.logits:
@@ -64,7 +72,7 @@ def test_mask_invariance(name: str):
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_attention_sums_to_one_on_valid_instances(name: str):
-    bag = make_bag(b=3, n=12)
+    bag = make_bag(b=3, n=12, scales=scales_of(name))
     out = build(name)(bag)
     if out.attention is None:
         pytest.skip(f"{name} has no attention")
@@ -77,7 +85,7 @@ def test_attention_sums_to_one_on_valid_instances(name: str):
 def test_every_parameter_gets_a_gradient(name: str):
     torch.manual_seed(0)
     model = build(name, "multitag").train()
-    bag = make_bag(b=4, n=30)
+    bag = make_bag(b=4, n=30, scales=scales_of(name))
     bag.labels = {"stain": torch.tensor([0, 1, 2, 0]), "organ": torch.tensor([3, 2, 1, 0])}
     out = model(bag)
     loss = torch.stack(list(model.task_loss(out, bag).values()) + list(out.aux_losses.values())).sum()
@@ -88,11 +96,26 @@ def test_every_parameter_gets_a_gradient(name: str):
         assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
 
 
+class _Scaled(torch.utils.data.Dataset):
+    def __init__(self, ds, s: int) -> None:
+        self.ds, self.s = ds, s
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        it = dict(self.ds[i])
+        it["features"] = torch.stack([it["features"].float() * (k + 1) for k in range(self.s)], 1)  # (N, S, D)
+        return it
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_fast_dev_run_and_checkpoint_round_trip(name: str, bag_data: Path, tmp_path: Path):
     m = load_manifest(bag_data, "label", check_files=False)
     dm = BagDataModule(m, bag_data.parent / "store", split={"val": 0.25, "test": 0.25}, batch_size=2)
     dm.setup()
+    if scales_of(name):  # same bags seen at S "scales" (the real multi-scale data is tested elsewhere)
+        dm.datasets = {k: _Scaled(v, scales_of(name)) for k, v in dm.datasets.items()}
     model = METHODS.get(name)(in_dim=dm.in_dim, num_classes=dm.num_classes, class_names=dm.class_names)
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False)

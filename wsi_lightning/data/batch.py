@@ -12,7 +12,8 @@ class Bag:
     """A batch of B padded bags.
 
     Attributes:
-        features: (B, N, D) instance features; padded rows are zero.
+        features: (B, N, D) instance features, or (B, N, S, D) for S aligned scales; padded
+            rows are zero.
         mask: (B, N) bool, True for real instances.
         coords: (B, N, 2) int64 level-0 (x, y) of each instance; -1 for padding.
         labels: {target: (B,) int64 class index}; -1 where unknown.
@@ -33,13 +34,13 @@ def collate_bags(items: list[dict]) -> Bag:
     """Pad a list of bags to the longest one.
 
     Args:
-        items: dicts with ``features`` (N_i, D) tensor, ``coords`` (N_i, 2) tensor,
+        items: dicts with ``features`` (N_i, D) or (N_i, S, D) tensor, ``coords`` (N_i, 2) tensor,
             ``labels`` {target: int} and ``slide_id`` str.
     """
     n_max = max(int(it["features"].shape[0]) for it in items)
-    d = int(items[0]["features"].shape[1])
+    rest = tuple(items[0]["features"].shape[1:])  # (D,) or (S, D) for multi-scale bags
     b = len(items)
-    feats = torch.zeros(b, n_max, d, dtype=torch.float32)
+    feats = torch.zeros(b, n_max, *rest, dtype=torch.float32)
     mask = torch.zeros(b, n_max, dtype=torch.bool)
     coords = torch.full((b, n_max, 2), -1, dtype=torch.int64)
     for i, it in enumerate(items):
