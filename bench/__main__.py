@@ -45,7 +45,7 @@ def main() -> int:
     for r in results:
         for name, val in r["ratios"].items():
             tgt = r["targets"].get(name)
-            ok = "yes" if tgt is None or val >= tgt else "NO"
+            ok = "-" if tgt is None else "yes" if val >= tgt else "NO"
             table.add_row(r["name"], name, f"{val:.2f}x", f">= {tgt}x" if tgt else "-", ok)
     Console().print(table)
     out = HERE / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -52,6 +52,8 @@ def store_path(cfg: DictConfig) -> Path:
         return Path(cfg.data.store)
     t, f = cfg.tiling, cfg.features
     key = f"{Path(str(f.backbone)).name}_{t.tile_size}px_{t.mpp}mpp"
+    if t.multiscale.mode != "none":
+        key += f"_{t.multiscale.mode}" + "-".join(f"{c:g}" for c in t.multiscale.context)
     base = demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root)
     return base / "features" / key
 
@@ -81,9 +83,17 @@ def build_datamodule(cfg: DictConfig) -> Any:
         feats["devices"] = 1
     prepare = partial(extract_features, manifest, FeatureStore(store), to_dict(cfg.tiling),
                       feats, bool(cfg.features.skip_errors))
-    return BagDataModule(manifest, store, split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
-                         max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers),
-                         prepare=prepare)
+    common = dict(split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
+                  max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers), prepare=prepare)
+    if cfg.tiling.multiscale.mode == "none":
+        return BagDataModule(manifest, store, **common)
+    from wsi_lightning.data.multiscale import ClusterSampling, MultiScaleBagDataModule
+
+    ms = to_dict(cfg.data.multiscale)
+    smp = ms.pop("sampling")
+    sampling = ClusterSampling(**{k: v for k, v in smp.items() if k != "enabled"}) if smp["enabled"] else None
+    return MultiScaleBagDataModule(manifest, store, mode=ms["mode"], scale=int(ms["scale"]), sampling=sampling,
+                                   test_bags=int(ms["test_bags"]), seed=int(cfg.seed), **common)
 
 
 # ----------------------------------------------------------------------------- method

@@ -143,9 +143,14 @@ class BagDataModule(L.LightningDataModule):
         if world > 1:
             sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=int(self.split_cfg.get("seed", 0)))
                        if shuffle else UnpaddedDistributedSampler(len(ds), rank, world))
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-                          sampler=sampler, collate_fn=collate_bags, num_workers=self.num_workers,
+        return DataLoader(ds, batch_size=self._batch_size(split), shuffle=shuffle and sampler is None,
+                          sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
+
+    collate = staticmethod(collate_bags)
+
+    def _batch_size(self, split: str) -> int:
+        return self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -48,6 +48,16 @@ class MILOutput:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def _mean_by_slide(ids: list[str], probs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]):
+    """Average the probabilities of rows sharing a slide id: (B, C) -> (U, C), first-seen order."""
+    uniq = list(dict.fromkeys(ids))
+    group = torch.tensor([uniq.index(i) for i in ids], device=next(iter(probs.values())).device)
+    first = [ids.index(u) for u in uniq]
+    out_p = {t: torch.zeros(len(uniq), p.shape[1], device=p.device).index_add_(0, group, p)
+             / torch.bincount(group, minlength=len(uniq)).unsqueeze(1) for t, p in probs.items()}
+    return uniq, out_p, {t: y[first] for t, y in labels.items()}
+
+
 def net_arguments(net_cls: type[nn.Module]) -> dict[str, Any]:
     """The configurable arguments of a net: {name: default} (``inspect.Parameter.empty``
     for required ones), without the injected ``in_dim`` / ``num_classes``."""
@@ -128,9 +138,12 @@ class MILModule(L.LightningModule):
         self.log(f"{stage}/loss", loss.detach(), batch_size=bs, prog_bar=True,
                  on_step=on_step, on_epoch=True, sync_dist=stage == "train")
         probs = {t: out.logits[t].detach().float().softmax(-1) for t in self.targets}
-        self.metrics[f"{stage}_metrics"].update(probs, bag.labels)
+        ids, labels = bag.slide_ids, bag.labels
+        if len(set(ids)) < len(ids):  # several bags of one slide (test-time bag sampling): average
+            ids, probs, labels = _mean_by_slide(ids, probs, labels)
+        self.metrics[f"{stage}_metrics"].update(probs, labels)
         if stage != "train":
-            self._record(bag, probs)
+            self._record(ids, labels, probs)
         return loss
 
     def training_step(self, bag: Bag, batch_idx: int) -> torch.Tensor:
@@ -174,14 +187,14 @@ class MILModule(L.LightningModule):
         self._epoch_end("test")
 
     # ----------------------------------------------------------------- predictions
-    def _record(self, bag: Bag, probs: dict[str, torch.Tensor]) -> None:
-        for i, sid in enumerate(bag.slide_ids):
+    def _record(self, slide_ids: list[str], labels: dict[str, torch.Tensor], probs: dict[str, torch.Tensor]) -> None:
+        for i, sid in enumerate(slide_ids):
             row: dict[str, Any] = {"slide_id": sid}
             for t in self.targets:
                 names = self.class_names[t]
                 p = probs[t][i].cpu()
                 pre = "" if len(self.targets) == 1 else f"{t}_"
-                y = int(bag.labels[t][i])
+                y = int(labels[t][i])
                 row[f"{pre}label"] = names[y] if y >= 0 else ""
                 row[f"{pre}pred"] = names[int(p.argmax())]
                 for c, name in enumerate(names):
