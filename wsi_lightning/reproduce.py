@@ -27,7 +27,7 @@ from wsi_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 TABLES_DIR = config.EXPERIMENTS_DIR / "tables"
-SPEC_KEYS = {"title", "seeds", "datasets", "columns", "rows", "notes"}
+SPEC_KEYS = {"title", "seeds", "datasets", "columns", "rows", "notes", "compare_to"}
 
 
 @dataclass
@@ -62,6 +62,10 @@ def load_spec(name: str) -> dict:
         for k in ("name", "experiment"):
             if k not in row:
                 raise ConfigError(f"table {path}: rows[{i}] needs '{k}'")
+        extra = set(row) - {"name", "experiment", "overrides", "paper", "paper_p"}
+        if extra:
+            raise ConfigError(f"table {path}: rows[{i}] has unknown key(s) {sorted(extra)}; valid: "
+                              "name, experiment, overrides, paper, paper_p")
         bad = set(row.get("paper", {}) or {}) - set(spec["columns"])
         if bad:
             raise ConfigError(f"table {path}: rows[{i}] ({row['name']}) has paper numbers for unknown "
@@ -160,6 +164,8 @@ def write_results(spec: dict, dataset: str, collected: dict[str, list[dict]], re
         lines.append(f"| {row['name']} (`{row['experiment']}`) | " + " | ".join(parts) + " |")
     if spec.get("notes"):
         lines += ["", str(spec["notes"]).strip()]
+    if spec.get("compare_to"):
+        lines += ["", *_comparison(spec, collected, results / f"{stem}_tests.csv")]
     roc = _plot_roc(spec, collected, results / f"{stem}_roc.png")
     if roc:
         lines += ["", f"ROC curves per row: `{roc.name}`"]
@@ -168,6 +174,54 @@ def write_results(spec: dict, dataset: str, collected: dict[str, list[dict]], re
     md.write_text("\n".join(lines) + "\n")
     log.info("wrote %s and %s", md, results / f"{stem}.csv")
     return md
+
+
+def _ensemble_predictions(recs: list[dict]) -> pd.DataFrame | None:
+    """Positive-class probability per test slide, averaged over the seeds' runs (binary only)."""
+    frames = []
+    for rec in recs:
+        p = Path(rec["run_dir"]) / "test_predictions.csv"
+        if p.exists():
+            df = pd.read_csv(p)
+            probs = [c for c in df.columns if c.startswith("prob_")]
+            if len(probs) != 2:
+                return None
+            frames.append(pd.DataFrame({"slide_id": df["slide_id"], "y": (df["label"].astype(str) == probs[1][5:]).astype(int),
+                                        "p": df[probs[1]]}))
+    if not frames:
+        return None
+    return pd.concat(frames).groupby("slide_id").agg(y=("y", "first"), p=("p", "mean")).sort_index()
+
+
+def _comparison(spec: dict, collected: dict[str, list[dict]], path: Path) -> list[str]:
+    """DeLong and paired-bootstrap tests of every row against ``compare_to`` (seed-averaged
+    predictions on the same test slides), beside the paper's p-values (``paper_p``)."""
+    from wsi_lightning.stats import compare_to_reference
+
+    ref = spec["compare_to"]
+    preds = {}
+    for row in spec["rows"]:
+        df = _ensemble_predictions(collected.get(row["name"], []))
+        if df is not None:
+            preds[row["name"]] = df
+    if ref not in preds:
+        return [f"Comparison against {ref}: no binary test predictions for the reference row."]
+    common = sorted(set.intersection(*(set(d.index) for d in preds.values())))
+    aligned = {k: (d.loc[common, "y"].to_numpy(), d.loc[common, "p"].to_numpy()) for k, d in preds.items()}
+    table = compare_to_reference(aligned, ref)
+    paper = {r["name"]: r.get("paper_p") or {} for r in spec["rows"]}
+    table["paper_p_auc"] = [paper.get(k, {}).get("auc") for k in table.index]
+    table["paper_p_ap"] = [paper.get(k, {}).get("ap") for k in table.index]
+    table.to_csv(path)
+    out = [f"## Tests against {ref} (seed-averaged probabilities, {len(common)} test slides)", "",
+           "| Row | AUC | AP | p DeLong (AUC) | p bootstrap (AUC) | p bootstrap (AP) | paper p (AUC / AP) |",
+           "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "Ref." if pd.isna(v) else f"{v:.3f}"  # noqa: E731
+    for name, r in table.iterrows():
+        pp = f"{fmt(r['paper_p_auc']) if r['paper_p_auc'] is not None else '-'} / {fmt(r['paper_p_ap']) if r['paper_p_ap'] is not None else '-'}"
+        out.append(f"| {name} | {r['AUC']:.3f} | {r['AP']:.3f} | {fmt(r['p_delong'])} | {fmt(r['p_boot_auc'])} | "
+                   f"{fmt(r['p_boot_ap'])} | {pp} |")
+    return out
 
 
 def _plot_roc(spec: dict, collected: dict[str, list[dict]], path: Path) -> Path | None:

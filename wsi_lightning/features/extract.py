@@ -41,6 +41,7 @@ class TilePlan:
     mpp_override: float | None
     coords: np.ndarray  # (N, 2) int64
     attrs: dict[str, Any]
+    grid: Any = None  # ConcentricGrid for multi-scale tiling (tiling.multiscale.mode=concentric)
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -58,21 +59,27 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
     Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue mask) for a person to check.
     """
     from wsi_lightning.slides import SlideReader, save_tissue_png, segment_tissue, tile_slide
+    from wsi_lightning.slides.multiscale import ConcentricGrid, concentric_grid
 
     sid, path = str(row["slide_id"]), str(row["path"])
     mpp_override = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
-    key = f"v2_{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}"  # v2: large holes kept
+    ms = tiling.get("multiscale") or {"mode": "none"}
+    context = tuple(float(c) for c in ms.get("context", ())) if ms["mode"] == "concentric" else ()
+    key = f"v2_{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}_{context}"  # v2: large holes kept
     cache = tiles_dir / f"{sid}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if str(z["key"]) == key:
             attrs = {k: z[k].item() for k in ("mpp", "tile_size", "tile_size_um", "level", "extent_level0", "slide_mpp")}
-            return TilePlan(sid, path, mpp_override, z["coords"], attrs)
+            ms_grid = ConcentricGrid.from_arrays({k[3:]: z[k] for k in z.files if k.startswith("ms_")}) if context else None
+            return TilePlan(sid, path, mpp_override, z["coords"], _ms_attrs(attrs, ms_grid), ms_grid)
     with SlideReader(path, mpp=mpp_override) as reader:
         tissue = segment_tissue(reader, thumb_mpp=float(tiling["thumb_mpp"]))
         save_tissue_png(tissue, tiles_dir / "qc" / f"{sid}.png")
         grid = tile_slide(reader, int(tiling["tile_size"]), float(tiling["mpp"]),
                           min_tissue=float(tiling["min_tissue"]), tissue=tissue)
+        ms_grid = (concentric_grid(reader, int(tiling["tile_size"]), float(tiling["mpp"]), context,
+                                   min_tissue=float(tiling["min_tissue"]), tissue=tissue) if context else None)
     if len(grid.coords) == 0:
         raise SlideError(
             f"slide {path}: no tile has >= {tiling['min_tissue']:.0%} tissue; check "
@@ -80,8 +87,18 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
         )
     attrs = {"mpp": grid.mpp, "tile_size": grid.tile_size, "tile_size_um": grid.tile_size_um,
              "level": grid.level, "extent_level0": grid.extent_level0, "slide_mpp": grid.slide_mpp}
-    _atomic_npz(cache, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()})
-    return TilePlan(sid, path, mpp_override, grid.coords, attrs)
+    extra = {f"ms_{k}": v for k, v in ms_grid.to_arrays().items()} if ms_grid is not None else {}
+    _atomic_npz(cache, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()}, **extra)
+    return TilePlan(sid, path, mpp_override, grid.coords, _ms_attrs(attrs, ms_grid), ms_grid)
+
+
+def _ms_attrs(attrs: dict[str, Any], grid: Any) -> dict[str, Any]:
+    """Store attributes of a multi-scale slide: S scales concatenated per row."""
+    if grid is None:
+        return attrs
+    return {**attrs, "scales": int(grid.n_scales), "context": [float(c) for c in grid.context],
+            "scale_mpp": [float(m) for m in grid.scale_mpp], "window_um": [float(w) for w in grid.window_um],
+            "multiscale": "concentric"}
 
 
 class ErrorReport:
@@ -141,7 +158,7 @@ def _slide_cache():
 class TileDataset(Dataset):
     """Tiles of several slides, in slide order.
 
-    Items are dicts: ``image`` (3, T, T) float in [0, 1], ``slide`` (slide index), ``tile``
+    Items are dicts: ``image`` (3, T, T) float in [0, 1] (multi-scale: (S, 3, T, T)), ``slide`` (slide index), ``tile``
     (tile index in its slide), ``ok`` (False when the read failed; the image is then zeros).
     """
 
@@ -164,12 +181,16 @@ class TileDataset(Dataset):
         x, y = (int(v) for v in p.coords[t])
         try:
             reader = _slide_cache().get(p.path, mpp=p.mpp_override)
-            img = reader.read_at_mpp((x, y), (size, size), float(p.attrs["mpp"]))  # (T, T, 3)
-            image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+            if p.grid is not None:  # concentric windows: (S, T, T, 3)
+                img = p.grid.read(reader, t)
+            else:
+                img = reader.read_at_mpp((x, y), (size, size), float(p.attrs["mpp"]))  # (T, T, 3)
+            image = torch.from_numpy(np.ascontiguousarray(img)).movedim(-1, -3).float().div_(255)
             ok = True
         except Exception as e:  # noqa: BLE001 - recorded by the writer, named by slide
             log.error("slide %s: reading tile at (%d, %d) failed: %s", p.path, x, y, e)
-            image, ok = torch.zeros(3, size, size), False
+            shape = (3, size, size) if p.grid is None else (p.grid.n_scales, 3, size, size)
+            image, ok = torch.zeros(shape), False
         return {"image": image, "slide": s, "tile": t, "ok": ok}
 
 
@@ -209,8 +230,12 @@ class ExtractionModule(L.LightningModule):
         self.backbone = backbone.eval()
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["image"]  # (B, 3, T, T) or multi-scale (B, S, 3, T, T)
         with torch.inference_mode():
-            return self.backbone(batch["image"]).float()
+            if x.dim() == 5:
+                b, s = x.shape[:2]
+                return self.backbone(x.flatten(0, 1)).float().view(b, -1)  # (B, S * D), scales in order
+            return self.backbone(x).float()
 
 
 class StoreWriter(BasePredictionWriter):

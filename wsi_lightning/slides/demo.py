@@ -3,7 +3,9 @@
 Layout of ``out_dir``::
 
     slides/<slide_id>.tiff          Aperio-style JPEG pyramid (OpenSlide vendor 'aperio')
-    annotations/<slide_id>.geojson  FeatureCollection of lesion polygons, level-0 pixels
+    annotations/<slide_id>.geojson  FeatureCollection of lesion polygons ('Tumor'), level-0
+                                    pixels; task 'multiscale' adds its decoys under their own
+                                    classes ('Decoy-architecture', 'Decoy-cells')
     manifest.csv                    slide_id, case_id, path, label, mpp (paths relative)
     .spec                           hash of the spec, written first (a resume must match it)
     .complete                       the same hash, written last: the set is complete
@@ -36,12 +38,22 @@ DEFAULTS = {
     "quality": 90,
     "pair_fraction": 0.15,  # fraction of slides that share their case with another slide
     "max_lesions": 4,
+    "task": "lesion",  # "lesion" | "multiscale" (synthetic.TASKS)
 }
 LABELS = ("normal", "tumor")
+CLASS_COLOURS = {
+    "Tumor": [200, 0, 0],
+    "Decoy-architecture": [0, 120, 200],
+    "Decoy-cells": [0, 160, 80],
+}
 
 
 def spec_hash(n_slides: int, seed: int, options: dict) -> str:
-    """Short hash of everything that determines the dataset's content."""
+    """Short hash of everything that determines the dataset's content.
+
+    The default task is left out of the hash, so folders made before tasks existed still match.
+    """
+    options = {k: v for k, v in options.items() if not (k == "task" and v == DEFAULTS["task"])}
     blob = json.dumps(
         {"v": GENERATOR_VERSION, "n": n_slides, "seed": seed, **options}, sort_keys=True
     )
@@ -82,21 +94,24 @@ def plan_slides(n_slides: int, seed: int, options: dict) -> list[dict]:
     ]
 
 
-def _geojson(polygons: list[np.ndarray]) -> dict:
-    """QuPath-style FeatureCollection of 'Tumor' annotations (level-0 pixel coordinates)."""
+def _geojson(polygons: list[np.ndarray], decoys: dict[str, list[np.ndarray]] | None = None) -> dict:
+    """QuPath-style FeatureCollection of 'Tumor' annotations (level-0 pixel coordinates), then
+    the `decoys` (class name -> polygons), which never count as lesion."""
     features = []
-    for poly in polygons:
-        ring = np.round(poly, 2).tolist()
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring + [ring[0]]]},
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
-                },
-            }
-        )
+    classes = [("Tumor", polygons), *(decoys or {}).items()]
+    for name, polys in classes:
+        for poly in polys:
+            ring = np.round(poly, 2).tolist()
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": [ring + [ring[0]]]},
+                    "properties": {
+                        "objectType": "annotation",
+                        "classification": {"name": name, "color": CLASS_COLOURS[name]},
+                    },
+                }
+            )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -108,7 +123,12 @@ def _write_text(path: Path, text: str) -> None:
 
 def make_slide(job: dict) -> dict:
     """Render and write one slide + its annotation (skipped when both exist). Returns `job`."""
-    from wsi_lightning.slides.synthetic import render, sample_spec, write_pyramid_tiff
+    from wsi_lightning.slides.synthetic import (
+        decoy_outlines,
+        render,
+        sample_spec,
+        write_pyramid_tiff,
+    )
 
     out_dir, opts = Path(job["out_dir"]), job["options"]
     tiff = out_dir / "slides" / f"{job['slide_id']}.tiff"
@@ -118,11 +138,18 @@ def make_slide(job: dict) -> dict:
     start = time.perf_counter()
     rng = np.random.default_rng([job["seed"], 1, job["index"]])
     spec = sample_spec(
-        rng, job["label"], job["slide_id"], opts["size_um"], job["mpp"], opts["max_lesions"]
+        rng,
+        job["label"],
+        job["slide_id"],
+        opts["size_um"],
+        job["mpp"],
+        opts["max_lesions"],
+        opts["task"],
     )
     image, polygons = render(spec)
     write_pyramid_tiff(tiff, image, job["mpp"], opts["n_levels"], opts["tile"], opts["quality"])
-    _write_text(geo, json.dumps(_geojson(polygons)))
+    decoys = decoy_outlines(spec) if spec.task != DEFAULTS["task"] else None
+    _write_text(geo, json.dumps(_geojson(polygons, decoys)))
     return {
         **job,
         "skipped": False,
@@ -155,7 +182,10 @@ def make_demo_dataset(
         seed: everything (labels, cases, pixels) is a function of the seed.
         workers: processes rendering slides in parallel (1 = in this process).
         **spec: overrides of ``DEFAULTS`` (size_um, mpp, frac_40x, n_levels, tile, quality,
-            pair_fraction, max_lesions).
+            pair_fraction, max_lesions, task). ``task="multiscale"``: a tumour slide's lesion
+            shows an abnormal architecture (seen with ~200 µm of context) AND atypical nuclei
+            (seen at 0.5 µm/px) at the same place; every slide also has decoy regions with one
+            of the two (see ``synthetic.sample_multiscale_regions``).
 
     Returns:
         Path of ``manifest.csv``.
@@ -166,6 +196,7 @@ def make_demo_dataset(
     if n_slides < 2:
         raise ConfigError(f"demo data n_slides must be >= 2 (one per label), got {n_slides}")
     options = {**DEFAULTS, **spec}
+    _check_task(options["task"])
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.csv"
     digest = spec_hash(n_slides, seed, options)
@@ -191,6 +222,13 @@ def make_demo_dataset(
     _write_text(out_dir / ".complete", digest)
     log.info("demo data: %d slides in %s (%.1f s)", n_slides, out_dir, time.perf_counter() - start)
     return manifest
+
+
+def _check_task(task: str) -> None:
+    from wsi_lightning.slides.synthetic import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(f"demo data option task={task!r} is unknown; valid: {list(TASKS)}")
 
 
 def _log_progress(results, total: int, start: float) -> None:

@@ -20,10 +20,20 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 if TYPE_CHECKING:
-    from wsi_lightning.slides.synthetic import NucleiSpec, Palette, SlideSpec, TissueSpec
+    from wsi_lightning.slides.synthetic import (
+        AtypiaSpec,
+        NucleiSpec,
+        Palette,
+        SlideSpec,
+        TissueSpec,
+    )
 
 CELL_UM = 8.0  # grid of the low-resolution tissue field
 STREAM_TISSUE, STREAM_STROMA, STREAM_NUCLEI, STREAM_TUMOUR = 1, 2, 3, 4
+STREAM_ARCH, STREAM_ATYPIA = 5, 6  # multiscale task
+ARCH_PERIOD_UM = (110.0, 170.0)  # stripe period of an architecture region
+ARCH_EDGE_UM = 10.0  # blur of the architecture regions' edges
+ARCH_WARP = 1.5  # phase warp (radians per unit sd) that makes the stripes wavy
 H_MAX = 2.6  # cap on hematoxylin concentration where nuclei overlap
 
 
@@ -36,6 +46,8 @@ class Canvas:
     lesion: np.ndarray  # bool
     h: np.ndarray  # float32 hematoxylin concentration
     e: np.ndarray  # float32 eosin concentration
+    arch: np.ndarray | None = None  # multiscale: float32 architecture field in [-1, 1]
+    atypia: np.ndarray | None = None  # multiscale: bool, where nuclei are atypical
 
     @classmethod
     def empty(cls, height: int, width: int, mpp: float) -> Canvas:
@@ -184,8 +196,30 @@ def stamp_nuclei(
     Each nucleus is a rotated ellipse with a wobbly outline (harmonics 2 and 3), a soft 1-px edge
     and chromatin speckle, evaluated on a (n, k, k) window per nucleus and scatter-added.
     """
+    xs, ys = jittered_points(canvas, region, ns.density_per_mm2, rng, cluster)
+    stamp_at(canvas, xs, ys, ns, rng)
+
+
+def jittered_points(
+    canvas: Canvas,
+    region: np.ndarray,
+    density_per_mm2: float,
+    rng: np.random.Generator,
+    cluster: float,
+    keep: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Jittered-grid points inside `region`, thinned by a smooth clustering field.
+
+    Args:
+        region: (height, width) bool; points outside it are dropped.
+        keep: optional (height, width) float32 factor on the keep probability (<= 1 keeps the
+            mean density at most ``0.8 * density_per_mm2``).
+
+    Returns:
+        (n,) x and (n,) y float64 pixel positions.
+    """
     height, width = canvas.shape
-    spacing = 1000.0 / math.sqrt(ns.density_per_mm2) / canvas.mpp  # px between grid points
+    spacing = 1000.0 / math.sqrt(density_per_mm2) / canvas.mpp  # px between grid points
     gy, gx = np.mgrid[0 : height / spacing, 0 : width / spacing].reshape(2, -1) * spacing
     xs = gx + rng.uniform(0, spacing, gx.shape)
     ys = gy + rng.uniform(0, spacing, gy.shape)
@@ -194,8 +228,26 @@ def stamp_nuclei(
     ok[ok] = region[iy[ok], ix[ok]]
     ny, nx = math.ceil(height * canvas.mpp / 16) + 2, math.ceil(width * canvas.mpp / 16) + 2
     density = upsample(smooth_noise(rng, (ny, nx), 3.0), 16.0, canvas)
-    ok[ok] &= rng.uniform(0, 1, int(ok.sum())) < 0.8 + cluster * 0.3 * density[iy[ok], ix[ok]]
-    xs, ys = xs[ok], ys[ok]
+    p_keep = 0.8 + cluster * 0.3 * density[iy[ok], ix[ok]]
+    if keep is not None:
+        p_keep = p_keep * keep[iy[ok], ix[ok]]
+    ok[ok] &= rng.uniform(0, 1, int(ok.sum())) < p_keep
+    return xs[ok], ys[ok]
+
+
+def stamp_at(
+    canvas: Canvas,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    ns: NucleiSpec,
+    rng: np.random.Generator,
+    atypia: AtypiaSpec | None = None,
+) -> None:
+    """Add nuclei of population `ns` centred at pixel positions (xs, ys), each (n,).
+
+    With `atypia`, the nuclei get a crenated outline, chromatin clumps and a nucleolus, with the
+    same size and the same integrated hematoxylin as they would have without it.
+    """
     n = len(xs)
     if n == 0:
         return
@@ -209,25 +261,33 @@ def stamp_nuclei(
         "phase": rng.uniform(0, 2 * np.pi, (n, 2)),
         "stain": ns.stain * rng.uniform(0.75, 1.2, n),
     }
-    k = 2 * math.ceil(float(params["rx"].max()) * (1 + ns.irregularity) + 1) + 1
+    reach = 1 + ns.irregularity
+    if atypia is not None:
+        params.update(_atypia_params(rng, params, atypia, canvas.mpp))
+        reach += 3 * atypia.crenation
+    k = 2 * math.ceil(float(params["rx"].max()) * reach + 1) + 1
     flat_h = canvas.h.reshape(-1)
     for start in range(0, n, 1024):
         sl = slice(start, start + 1024)
-        vals, idx = _nucleus_windows(
-            xs[sl],
-            ys[sl],
-            {a: b[sl] for a, b in params.items()},
-            k,
-            ns.chromatin,
-            rng,
-            canvas.shape,
-        )
-        np.add.at(flat_h, idx, vals)
+        chunk = {a: b[sl] for a, b in params.items()}
+        if atypia is None:
+            windows = _nucleus_windows(xs[sl], ys[sl], chunk, k, ns.chromatin, rng, canvas.shape)
+        else:
+            windows = _atypical_windows(
+                xs[sl], ys[sl], chunk, k, atypia, ns.chromatin, rng, canvas.shape
+            )
+        np.add.at(flat_h, windows[1], windows[0])
     np.minimum(canvas.h, np.float32(H_MAX), out=canvas.h)
 
 
-def _nucleus_windows(xs, ys, p, k, chromatin, rng, shape):
-    """Per-nucleus (n, k, k) stamps and their flat canvas indices (in-bounds only)."""
+def _window_geometry(xs, ys, p, k, shape):
+    """Normalised nucleus coordinates on (n, k, k) windows and their flat canvas indices.
+
+    Returns:
+        (u, v, rho, r_px, idx, valid): u, v (n, k, k) along the axes in units of rx, ry; rho the
+        radius relative to the wobbly outline; r_px (n, 1, 1) geometric-mean radius; idx (n, k, k)
+        flat canvas indices; valid (n, k, k) in-bounds mask.
+    """
     height, width = shape
     d = np.arange(k, dtype=np.float32) - k // 2
     ix, iy = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
@@ -240,16 +300,136 @@ def _nucleus_windows(xs, ys, p, k, chromatin, rng, shape):
     ang = np.arctan2(v, u)
     wob = 1 + p["wobble"][:, 0, None, None] * np.cos(2 * ang + p["phase"][:, 0, None, None])
     wob += p["wobble"][:, 1, None, None] * np.cos(3 * ang + p["phase"][:, 1, None, None])
+    for j in range(p["cren"].shape[1] if "cren" in p else 0):  # crenation: harmonics 5, 6, 7
+        wob += p["cren"][:, j, None, None] * np.cos((5 + j) * ang + p["cphase"][:, j, None, None])
     rho = np.sqrt(u * u + v * v) / wob
     r_px = np.sqrt(p["rx"] * p["ry"]).astype(np.float32)[:, None, None]
+    yy = iy[:, None, None] + d.astype(np.int64)[None, :, None]  # (n, k, 1)
+    xx = ix[:, None, None] + d.astype(np.int64)[None, None, :]  # (n, 1, k)
+    valid = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+    idx = np.broadcast_to(yy * width + xx, rho.shape)
+    return u, v, rho, r_px, idx, valid
+
+
+def _nucleus_windows(xs, ys, p, k, chromatin, rng, shape):
+    """Per-nucleus (n, k, k) stamps and their flat canvas indices (in-bounds only)."""
+    _, _, rho, r_px, idx, valid = _window_geometry(xs, ys, p, k, shape)
     val = np.clip((1 - rho) * r_px + 0.5, 0, 1)  # soft 1-px edge
     val *= (1 - chromatin) + chromatin * rng.uniform(0, 1, val.shape).astype(np.float32)
     val *= (0.85 + 0.3 * np.minimum(rho, 1)) * p["stain"].astype(np.float32)[:, None, None]
-    yy = iy[:, None, None] + d.astype(np.int64)[None, :, None]  # (n, k, 1)
-    xx = ix[:, None, None] + d.astype(np.int64)[None, None, :]  # (n, 1, k)
-    inside = (val > 0) & (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
-    idx = np.broadcast_to(yy * width + xx, val.shape)[inside]
-    return val[inside], idx
+    inside = (val > 0) & valid
+    return val[inside], idx[inside]
+
+
+# ------------------------------------------------------------------ multiscale task (cue regions)
+def paint_cue_regions(canvas: Canvas, spec: SlideSpec) -> None:
+    """Multiscale task: the architecture field and the atypia mask; cue regions become tissue.
+
+    Architecture regions are the lesions (both cues) and the architecture decoys, atypia regions
+    the lesions and the cell decoys. ``canvas.lesion`` stays empty: lesions here are defined by
+    their two cues only, not by a colour change (``paint_stroma`` would pale them).
+    """
+    arch = list(spec.lesions + spec.arch_decoys)
+    cells = list(spec.lesions + spec.cell_decoys)
+    canvas.atypia = polygon_mask(canvas, [r.outline_um() for r in cells])
+    canvas.arch = np.zeros(canvas.shape, np.float32)
+    if arch:
+        warp = _arch_warp(canvas, spec)
+        for i, region in enumerate(arch):
+            _add_stripes(canvas, region, warp, np.random.default_rng([spec.seed, STREAM_ARCH, i]))
+    canvas.tissue |= canvas.atypia | (canvas.arch != 0)
+
+
+def _arch_warp(canvas: Canvas, spec: SlideSpec) -> np.ndarray:
+    """Smooth phase warp of the stripes, (height, width) float32, unit sd."""
+    rng = np.random.default_rng([spec.seed, STREAM_ARCH])
+    height, width = canvas.shape
+    ny, nx = math.ceil(height * canvas.mpp / 16) + 2, math.ceil(width * canvas.mpp / 16) + 2
+    return upsample(smooth_noise(rng, (ny, nx), 4.0), 16.0, canvas)
+
+
+def _add_stripes(canvas: Canvas, region, warp: np.ndarray, rng: np.random.Generator) -> None:
+    """Add one region's wavy stripes, faded out over ~2 * ARCH_EDGE_UM outside its outline."""
+    period = rng.uniform(*ARCH_PERIOD_UM)
+    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    height, width = canvas.shape
+    edge = ARCH_EDGE_UM / canvas.mpp
+    x0, y0 = np.floor(region.outline_um().min(0) / canvas.mpp - 3 * edge).astype(int)
+    x1, y1 = np.ceil(region.outline_um().max(0) / canvas.mpp + 3 * edge).astype(int)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    local = Canvas.empty(y1 - y0, x1 - x0, canvas.mpp)
+    shifted = region.outline_um() - np.array([x0, y0]) * canvas.mpp
+    weight = ndimage.gaussian_filter(polygon_mask(local, [shifted]).astype(np.float32), edge)
+    np.clip(2 * weight, 0, 1, out=weight)  # 1 inside the outline, fading outside
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) * np.float32(canvas.mpp)
+    along = xs * np.float32(math.cos(angle)) + ys * np.float32(math.sin(angle))  # microns
+    stripes = np.sin(
+        along * np.float32(2 * np.pi / period) + phase + ARCH_WARP * warp[y0:y1, x0:x1]
+    )
+    canvas.arch[y0:y1, x0:x1] += weight * stripes
+    np.clip(canvas.arch, -1, 1, out=canvas.arch)
+
+
+def paint_architecture(canvas: Canvas, spec: SlideSpec) -> None:
+    """Multiscale task: collagen bands (more eosin) alternating with cell cords (less eosin)."""
+    if canvas.arch is not None:
+        canvas.e *= 1 + np.float32(spec.architecture.eosin_amp) * canvas.arch
+
+
+def paint_cue_nuclei(canvas: Canvas, spec: SlideSpec) -> None:
+    """Multiscale task: one nucleus population everywhere, denser in the cell cords of
+    architecture regions, atypical (same size, density and integrated stain) in atypia regions."""
+    rng = np.random.default_rng([spec.seed, STREAM_NUCLEI])
+    amp = spec.architecture.density_amp
+    keep = (1 - np.float32(amp) * canvas.arch) / np.float32(1 + amp)  # (H, W) in [0, 1]
+    density = spec.nuclei.density_per_mm2 * (1 + amp)
+    xs, ys = jittered_points(canvas, canvas.tissue, density, rng, cluster=0.5, keep=keep)
+    atypical = canvas.atypia[ys.astype(np.int64), xs.astype(np.int64)]
+    stamp_at(canvas, xs[~atypical], ys[~atypical], spec.nuclei, rng)
+    rng = np.random.default_rng([spec.seed, STREAM_ATYPIA])
+    stamp_at(canvas, xs[atypical], ys[atypical], spec.nuclei, rng, spec.atypia)
+
+
+def _atypia_params(rng: np.random.Generator, p: dict, at: AtypiaSpec, mpp: float) -> dict:
+    """Per-nucleus atypia parameters for `p`'s nuclei (radii shrunk to keep the area)."""
+    n = len(p["rx"])
+    cren = at.crenation * rng.uniform(0.5, 1.5, (n, 3))
+    area = np.sqrt(1 + 0.5 * (cren**2).sum(1))  # outline harmonics enlarge the area
+    radius = np.sqrt(rng.uniform(0, 0.6, (n, at.clumps)))
+    angle = rng.uniform(0, 2 * np.pi, (n, at.clumps))
+    return {
+        "rx": p["rx"] / area,
+        "ry": p["ry"] / area,
+        "cren": cren,
+        "cphase": rng.uniform(0, 2 * np.pi, (n, 3)),
+        "clump_u": radius * np.cos(angle),
+        "clump_v": radius * np.sin(angle),
+        "nucleolus": rng.uniform(-0.2, 0.2, (n, 2)),
+        "clump_px": np.full(n, at.clump_um / mpp),
+        "nucleolus_px": np.full(n, at.nucleolus_um / mpp),
+    }
+
+
+def _atypical_windows(xs, ys, p, k, at, chromatin, rng, shape):
+    """Atypical nuclei: clumped chromatin + nucleolus; integrated stain of a normal nucleus."""
+    u, v, rho, r_px, idx, valid = _window_geometry(xs, ys, p, k, shape)
+    val = np.clip((1 - rho) * r_px + 0.5, 0, 1)  # soft 1-px edge
+    s2 = 2 * (p["clump_px"].astype(np.float32)[:, None, None] / r_px) ** 2  # (n, 1, 1)
+    tex = np.zeros_like(val)
+    for j in range(p["clump_u"].shape[1]):
+        du = u - p["clump_u"][:, j, None, None].astype(np.float32)
+        dv = v - p["clump_v"][:, j, None, None].astype(np.float32)
+        tex += np.exp(-(du * du + dv * dv) / s2)
+    s2 = 2 * (p["nucleolus_px"].astype(np.float32)[:, None, None] / r_px) ** 2
+    du = u - p["nucleolus"][:, 0, None, None].astype(np.float32)
+    dv = v - p["nucleolus"][:, 1, None, None].astype(np.float32)
+    tex += np.float32(at.nucleolus_weight) * np.exp(-(du * du + dv * dv) / s2)
+    mean = (val * tex).sum((1, 2), keepdims=True) / np.maximum(val.sum((1, 2), keepdims=True), 1)
+    tex = (1 - at.contrast) + at.contrast * tex / np.maximum(mean, 1e-6)  # mean 1 over the nucleus
+    val *= tex * np.float32((1 - chromatin / 2) * at.stain)  # normal: mean speckle 1 - c/2
+    val *= (0.85 + 0.3 * np.minimum(rho, 1)) * p["stain"].astype(np.float32)[:, None, None]
+    inside = (val > 0) & valid
+    return val[inside], idx[inside]
 
 
 def compose(canvas: Canvas, palette: Palette) -> np.ndarray:

@@ -34,15 +34,23 @@ from wsi_lightning.slides.demo import make_demo_dataset
 from wsi_lightning.slides.pyramid import write_pyramid_tiff
 
 __all__ = [
+    "DECOY_CLASSES",
+    "MULTISCALE_PAINTERS",
     "PAINTERS",
+    "TASKS",
+    "TASK_PAINTERS",
+    "ArchitectureSpec",
+    "AtypiaSpec",
     "Lesion",
     "NucleiSpec",
     "Palette",
     "SlideSpec",
     "StromaSpec",
     "TissueSpec",
+    "decoy_outlines",
     "make_demo_dataset",
     "render",
+    "sample_multiscale_regions",
     "sample_spec",
     "write_pyramid_tiff",
 ]
@@ -124,8 +132,35 @@ class Lesion:
 
 
 @dataclass(frozen=True)
+class ArchitectureSpec:
+    """Multiscale task: abnormal architecture = wavy stripes (period ``paint.ARCH_PERIOD_UM``) of
+    cell cords (less eosin, more nuclei) and collagen bands (more eosin, fewer nuclei)."""
+
+    eosin_amp: float  # relative eosin modulation
+    density_amp: float  # relative nuclear density modulation
+
+
+@dataclass(frozen=True)
+class AtypiaSpec:
+    """Multiscale task: atypical nuclei = crenated outline, clumped chromatin and a nucleolus, with
+    the size, density and integrated hematoxylin of the slide's normal nuclei."""
+
+    crenation: float  # amplitude of outline harmonics 5-7 (relative radius)
+    clumps: int  # chromatin clumps per nucleus
+    clump_um: float  # clump sd
+    contrast: float  # in [0, 1]: share of the stain in clumps + nucleolus
+    nucleolus_um: float  # nucleolus sd
+    nucleolus_weight: float  # nucleolus peak relative to a clump
+    stain: float  # factor on the stain, for equal mean colour at low magnification
+
+
+@dataclass(frozen=True)
 class SlideSpec:
-    """Everything needed to render one slide."""
+    """Everything needed to render one slide.
+
+    Task ``"lesion"`` uses ``lesions`` + ``tumour_nuclei``; task ``"multiscale"`` uses
+    ``lesions`` (both cues), ``arch_decoys``, ``cell_decoys``, ``architecture`` and ``atypia``.
+    """
 
     slide_id: str
     seed: int
@@ -139,6 +174,11 @@ class SlideSpec:
     nuclei: NucleiSpec
     tumour_nuclei: NucleiSpec
     lesions: tuple[Lesion, ...] = ()
+    task: str = "lesion"  # "lesion" | "multiscale"
+    arch_decoys: tuple[Lesion, ...] = ()  # multiscale: abnormal architecture, normal nuclei
+    cell_decoys: tuple[Lesion, ...] = ()  # multiscale: atypical nuclei, normal architecture
+    architecture: ArchitectureSpec | None = None
+    atypia: AtypiaSpec | None = None
 
     @property
     def size_px(self) -> tuple[int, int]:
@@ -153,21 +193,46 @@ PAINTERS = (
     paint.paint_nuclei,
     paint.paint_tumour_nuclei,
 )
+MULTISCALE_PAINTERS = (
+    paint.paint_tissue,
+    paint.paint_cue_regions,
+    paint.paint_stroma,
+    paint.paint_architecture,
+    paint.paint_cue_nuclei,
+)
+TASK_PAINTERS = {"lesion": PAINTERS, "multiscale": MULTISCALE_PAINTERS}
+TASKS = tuple(TASK_PAINTERS)
+DECOY_CLASSES = {"arch_decoys": "Decoy-architecture", "cell_decoys": "Decoy-cells"}
 
 
-def render(spec: SlideSpec, painters=PAINTERS) -> tuple[np.ndarray, list[np.ndarray]]:
+def render(spec: SlideSpec, painters=None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Draw a slide.
+
+    Args:
+        spec: the slide.
+        painters: painter sequence; default ``TASK_PAINTERS[spec.task]``.
 
     Returns:
         ((H, W, 3) uint8 RGB at ``spec.mpp``, one (K, 2) float (x, y) level-0-pixel outline per
         lesion).
     """
+    if painters is None:
+        painters = TASK_PAINTERS[spec.task]
     width, height = spec.size_px
     canvas = paint.Canvas.empty(height, width, spec.mpp)
     for painter in painters:
         painter(canvas, spec)
     image = paint.compose(canvas, spec.palette)
     return image, [les.outline_um() / spec.mpp for les in spec.lesions]
+
+
+def decoy_outlines(spec: SlideSpec) -> dict[str, list[np.ndarray]]:
+    """Multiscale task: (K, 2) level-0-pixel outlines of the decoys by class name
+    (``DECOY_CLASSES``); empty lists for the lesion task."""
+    return {
+        name: [d.outline_um() / spec.mpp for d in getattr(spec, field)]
+        for field, name in DECOY_CLASSES.items()
+    }
 
 
 def _jitter(rng: np.random.Generator, v: tuple[float, ...], rel: float) -> tuple[float, ...]:
@@ -181,6 +246,7 @@ def sample_spec(
     size_um: float = 1536.0,
     mpp: float = 0.5,
     max_lesions: int = 4,
+    task: str = "lesion",
 ) -> SlideSpec:
     """Draw a random slide: nuisance variation for every slide, lesions for ``"tumor"``.
 
@@ -190,10 +256,15 @@ def sample_spec(
         slide_id: name stored in the spec.
         size_um: slide side in microns (square).
         mpp: level-0 microns per pixel to render at.
-        max_lesions: most lesions on a tumour slide.
+        max_lesions: most lesions on a tumour slide (``"multiscale"``: most regions per cue,
+            at most 2).
+        task: ``"lesion"`` (lesions of clearly different cells) or ``"multiscale"`` (lesions
+            need two cues at two magnifications; see ``sample_multiscale_regions``).
     """
     if label not in ("normal", "tumor"):
         raise ValueError(f"label must be 'normal' or 'tumor', got {label!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     u = rng.uniform
     palette = Palette(
         hematoxylin=_jitter(rng, Palette.hematoxylin, 0.12),
@@ -232,10 +303,59 @@ def sample_spec(
         nuclei,
         tumour,
     )
+    if task == "multiscale":
+        return sample_multiscale_regions(rng, spec, min(max_lesions, 2))
     if label == "tumor":
         n = int(rng.choice(np.arange(1, max_lesions + 1), p=_lesion_count_p(max_lesions)))
         spec = replace(spec, lesions=_place_lesions(rng, spec, n))
     return spec
+
+
+def sample_multiscale_regions(
+    rng: np.random.Generator, spec: SlideSpec, max_per_cue: int = 2
+) -> SlideSpec:
+    """Add the multiscale task's cue regions to a slide.
+
+    Each slide draws how many regions show each cue, architecture and atypia, 1 to
+    `max_per_cue` each, independently of its label. On a tumour slide one region shows both cues
+    (the lesion) and the rest one cue each (decoys); on a normal slide all are decoys. So the
+    number of regions with either cue has the same distribution in both classes: a model that
+    sees one magnification (one cue) cannot tell the classes apart, only the co-location of both
+    cues, which needs both magnifications, can. All regions have the same size distribution
+    (60-120 µm radius) and are placed apart from each other (40 µm gap).
+    """
+    n_arch, n_cells = (int(n) for n in rng.integers(1, max_per_cue + 1, 2))
+    n_both = 1 if spec.label == "tumor" else 0
+    spec = replace(
+        spec,
+        task="multiscale",
+        architecture=ArchitectureSpec(eosin_amp=0.4, density_amp=0.5),
+        atypia=AtypiaSpec(
+            crenation=0.08,
+            clumps=7,
+            clump_um=0.45,
+            contrast=0.85,
+            nucleolus_um=0.55,
+            nucleolus_weight=2.0,
+            stain=1.0,
+        ),
+    )
+    counts = (n_both, n_arch - n_both, n_cells - n_both)
+    regions = _place_lesions(
+        rng, spec, sum(counts), radius=_region_radius, gap_um=40.0, min_radius_um=40.0
+    )
+    if len(regions) < sum(counts):
+        raise RuntimeError(
+            f"slide {spec.slide_id}: no room for {sum(counts)} cue regions; use a larger size_um"
+        )
+    a, b = counts[0], counts[0] + counts[1]
+    return replace(spec, lesions=regions[:a], arch_decoys=regions[a:b], cell_decoys=regions[b:])
+
+
+def _region_radius(rng: np.random.Generator, cap_um: float) -> float:
+    """Multiscale cue regions: 60-120 µm radius (log-uniform), so that their architecture fills
+    most of a 224 µm window."""
+    return float(min(math.exp(rng.uniform(math.log(60), math.log(120))), cap_um))
 
 
 def _lesion_count_p(max_lesions: int) -> np.ndarray:
@@ -252,19 +372,36 @@ def _lesion_radius(rng: np.random.Generator, cap_um: float) -> float:
     return float(min(r, cap_um))
 
 
-def _place_lesions(rng: np.random.Generator, spec: SlideSpec, n: int) -> tuple[Lesion, ...]:
-    """Lesions well inside tissue (2 cells of margin), not overlapping each other."""
+def _place_lesions(
+    rng: np.random.Generator,
+    spec: SlideSpec,
+    n: int,
+    radius=_lesion_radius,
+    gap_um: float = paint.CELL_UM,
+    min_radius_um: float = 15.0,
+) -> tuple[Lesion, ...]:
+    """Lesions well inside tissue (2 cells of margin), not overlapping each other.
+
+    Args:
+        radius: ``radius(rng, cap_um) -> float``, the nominal radius of one lesion.
+        gap_um: least distance between two lesions' outer reaches.
+        min_radius_um: a lesion that does not fit shrinks by 20% steps down to this radius.
+    """
     tissue = paint.lowres_tissue(spec)
     dist = ndimage.distance_transform_edt(np.pad(tissue, 1))[1:-1, 1:-1] * paint.CELL_UM
     cells = np.argwhere(tissue)
     lesions: list[Lesion] = []
     for _ in range(n):
-        radius = _lesion_radius(rng, 0.2 * min(spec.width_um, spec.height_um))
+        radius_um = radius(rng, 0.2 * min(spec.width_um, spec.height_um))
         harmonics = tuple(
             (float(rng.uniform(0, 0.2 / k)), float(rng.uniform(0, 2 * np.pi))) for k in range(2, 6)
         )
         lesion = Lesion(
-            (0.0, 0.0), radius, float(rng.uniform(1, 1.6)), float(rng.uniform(0, np.pi)), harmonics
+            (0.0, 0.0),
+            radius_um,
+            float(rng.uniform(1, 1.6)),
+            float(rng.uniform(0, np.pi)),
+            harmonics,
         )
         while True:
             reach = lesion.max_radius_um
@@ -272,8 +409,8 @@ def _place_lesions(rng: np.random.Generator, spec: SlideSpec, n: int) -> tuple[L
             centres = (cells[:, ::-1] + 0.5) * paint.CELL_UM  # (x, y) microns
             for other in lesions:
                 gap = np.hypot(*(centres - other.center_um).T)
-                ok &= gap >= reach + other.max_radius_um + paint.CELL_UM
-            if ok.any() or lesion.radius_um < 15:
+                ok &= gap >= reach + other.max_radius_um + gap_um
+            if ok.any() or lesion.radius_um < min_radius_um:
                 break
             lesion = replace(lesion, radius_um=lesion.radius_um * 0.8)
         if not ok.any():
