@@ -20,6 +20,7 @@ def _spec(tmp_path: Path, bag_data: Path) -> Path:
         "title": "Tiny table",
         "seeds": [0, 1],
         "datasets": {"tiny": over},
+        "compare_to": "ABMIL",
         "columns": {"auc": {"metric": "test/auroc", "label": "AUC"}, "acc": {"metric": "test/acc"}},
         "rows": [{"name": "ABMIL", "experiment": "abmil", "paper": {"auc": 0.9}},
                  {"name": "Mean pool", "experiment": "mean_pool", "overrides": ["method.embed_dim=32"]}],
@@ -43,6 +44,9 @@ def test_table_end_to_end_and_resume(bag_data: Path, tmp_path: Path):
     vals = [float(v) for v in auc["values"].split()]
     assert auc["mean"] == pytest.approx(sum(vals) / 2)
     assert (tmp_path / "results" / "tiny.tiny_roc.png").exists()
+    assert "## Tests against ABMIL" in text
+    tests = pd.read_csv(tmp_path / "results" / "tiny.tiny_tests.csv", index_col=0)
+    assert pd.isna(tests.loc["ABMIL", "p_delong"]) and 0 <= tests.loc["Mean pool", "p_delong"] <= 1
     stamps = [p.stat().st_mtime_ns for p in runs]
     reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "runs", results=tmp_path / "results")
     assert [p.stat().st_mtime_ns for p in runs] == stamps, "complete runs must be skipped"

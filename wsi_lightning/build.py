@@ -33,7 +33,8 @@ def import_registered() -> None:
 
 # ----------------------------------------------------------------------------- data
 def demo_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.data.root) / "demo"
+    task = cfg.data.demo.get("task", "lesion")
+    return Path(cfg.data.root) / ("demo" if task == "lesion" else f"demo-{task}")
 
 
 def manifest_path(cfg: DictConfig) -> Path:

@@ -2,7 +2,9 @@
 
 A spec (``experiments/tables/<paper>.yaml``) names the rows (experiment + overrides), seeds,
 columns (metric keys) and the paper's published numbers, plus the datasets it can run on
-(``demo`` = the built-in synthetic data; others add overrides such as ``data.manifest``).
+(``demo`` = the built-in synthetic data; others add overrides such as ``data.manifest``);
+datasets listed in ``split_per_seed`` also vary ``data.split.seed`` with the seed (the
+k-split protocols, e.g. CS-MIL's 10 train/val splits around a fixed test set).
 Every (row, seed) is a normal run in a fixed folder ``<runs>/reproduce/<paper>/<dataset>/
 <row>/seed<k>``; a folder whose ``metrics.json`` has every column is skipped, so an interrupted
 ``make reproduce`` resumes. Results: ``results/<paper>.md`` / ``.csv`` (``<paper>.<dataset>.*``
@@ -27,7 +29,7 @@ from wsi_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 TABLES_DIR = config.EXPERIMENTS_DIR / "tables"
-SPEC_KEYS = {"title", "seeds", "datasets", "columns", "rows", "notes", "compare_to"}
+SPEC_KEYS = {"title", "seeds", "datasets", "columns", "rows", "notes", "compare_to", "split_per_seed"}
 
 
 @dataclass
@@ -115,6 +117,8 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
                 log.info("table %s: %s, seed %d -> %s", spec["name"], row["name"], seed, run_dir)
                 shutil.rmtree(run_dir, ignore_errors=True)  # a partial run is redone
                 over = [*row.get("overrides", []), *data_over, f"seed={seed}"]
+                if dataset in (spec.get("split_per_seed") or []):  # one train/val split per seed
+                    over.append(f"data.split.seed={seed}")
                 cfg = config.load(row["experiment"], over, demo=(dataset == "demo"))
                 done = run.fit(cfg, run_dir=run_dir).metrics
             else:

@@ -90,3 +90,22 @@ def test_bad_slides_stop_or_are_reported(demo_manifest: Path, tmp_path: Path):
     report = pd.read_csv(store.root / "errors.csv")
     assert sorted(report["slide_id"]) == sorted([df["slide_id"][1], df["slide_id"][2]])
     assert report["error"].str.contains("corrupt.tiff|missing.tiff").all()
+
+
+def test_concentric_extraction_stores_aligned_scales(demo_manifest: Path, tmp_path: Path):
+    m = load_manifest(demo_manifest)
+    single, multi = FeatureStore(tmp_path / "single"), FeatureStore(tmp_path / "multi")
+    ex.extract_features(m, single, TILING, FEATS, tiles_dir=tmp_path / "t1")
+    ms_tiling = {**TILING, "multiscale": {"mode": "concentric", "context": [1, 2, 4]}}
+    ex.extract_features(m, multi, ms_tiling, FEATS, tiles_dir=tmp_path / "t2")
+    sid = m.df["slide_id"][0]
+    f1, c1 = single.read(sid)
+    f3, c3 = multi.read(sid)
+    a = multi.attrs(sid)
+    assert a["scales"] == 3 and a["window_um"] == [64.0, 128.0, 256.0] and a["scale_mpp"] == [1.0, 2.0, 4.0]
+    np.testing.assert_array_equal(c1, c3)  # same base tiles, row-aligned
+    d = f1.shape[1]
+    assert f3.shape == (len(f1), 3 * d)
+    # the 1x window is the base tile itself
+    np.testing.assert_allclose(f3[:, :d].astype(np.float32), f1.astype(np.float32), rtol=1e-2, atol=1e-2)
+    assert not np.allclose(f3[:, d:2 * d].astype(np.float32), f1.astype(np.float32), atol=1e-2)
