@@ -11,7 +11,12 @@ writes, under ``<run folder>/<out_dir>/``:
     <slide_id>_bottomk.png        the bottom_k least attended tiles
     (with H > 1 maps: <slide_id>_map<h>_heatmap.png, ... one set per map)
 
-``tile`` is the tile's row in the feature store (test bags are never subsampled). Images need
+``tile`` is the tile's row in the feature store (test bags are never subsampled), except with
+test-time bag sampling (CS-MIL): a slide's sampled bags are merged, one value per sampled
+location (its mean over the bags), and ``tile`` indexes those locations. Methods that return
+cross-scale scores (``extras["cross_scale"]``, (B, N, S)) get S more maps after the instance
+attention: map 1 + s is scale s's score (CS-MIL's Fig. 3 paints each scale min-max normalised:
+``normalisation: minmax``). Images need
 the slide files (manifest ``path`` and ``mpp``) and the feature store's tile geometry; without
 them (features imported without slides) the images are skipped with one warning and the CSV
 is still written. Lesion outlines come from a manifest column ``annotation`` (a GeoJSON path,
@@ -29,6 +34,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import pandas as pd
+import torch
 import torch.distributed as dist
 
 from wsi_lightning import viz
@@ -46,6 +52,21 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         extra = " or null" if allow_none else ""
         raise ArgumentError(f"attention_logger: {name}={value!r}; expected an integer >= {minimum}{extra}")
+
+
+def _merge_bags(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several sampled bags of one slide (test-time bag sampling): one value per tile location,
+    the mean over the bags (and repeats) it appeared in."""
+    if len(entries) == 1:
+        return entries[0]
+    xy = np.concatenate([e["coords"] for e in entries])  # (M, 2)
+    att = np.concatenate([e["attention"] for e in entries], 1)  # (H, M)
+    uniq, inv = np.unique(xy, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    total = np.zeros((att.shape[0], len(uniq)))
+    np.add.at(total, (slice(None), inv), att)
+    counts = np.bincount(inv, minlength=len(uniq))
+    return {"slide_id": entries[0]["slide_id"], "attention": total / counts, "coords": uniq.astype(np.int64)}
 
 
 @CALLBACKS.register("attention_logger")
@@ -139,6 +160,9 @@ class AttentionLogger(L.Callback):
                             "match the batch (expected (B, N) or (B, H, N) with a Bag's mask); "
                             "skipped", tuple(att.shape))
             return
+        cross = (getattr(out, "extras", None) or {}).get("cross_scale")  # CS-MIL: (B, N, S)
+        if cross is not None and cross.shape[:2] == att.shape[::2]:
+            att = torch.cat([att, cross.detach().float().transpose(1, 2)], 1)  # (B, 1 + S, N)
         att = att.detach().float().cpu().numpy()
         mask, coords = mask.cpu().numpy().astype(bool), coords.cpu().numpy()
         for b, sid in enumerate(batch.slide_ids):
@@ -152,10 +176,10 @@ class AttentionLogger(L.Callback):
             parts: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(parts, slides)
             slides = [s for part in parts for s in part]
-        unique: dict[str, dict[str, Any]] = {}
+        by_slide: dict[str, list[dict[str, Any]]] = {}
         for s in slides:
-            unique.setdefault(s["slide_id"], s)
-        return [unique[k] for k in sorted(unique)]
+            by_slide.setdefault(s["slide_id"], []).append(s)
+        return [_merge_bags(by_slide[k]) for k in sorted(by_slide)]
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         slides = self._gather(trainer)
