@@ -42,14 +42,21 @@ def load_lesions(path: str | Path) -> list[Lesion]:
     try:
         gj = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise WSIError(f"annotation {path}: cannot read GeoJSON ({e}); fix or remove the file") from e
+        raise WSIError(
+            f"annotation {path}: cannot read GeoJSON ({e}); fix or remove the file"
+        ) from e
     feats = gj.get("features", []) if gj.get("type") == "FeatureCollection" else [gj]
     lesions, exclusions = [], []
     for f in feats:
         geom = f.get("geometry") or {}
         cls = (((f.get("properties") or {}).get("classification") or {}).get("name") or "").lower()
-        polys = ([geom["coordinates"]] if geom.get("type") == "Polygon"
-                 else geom.get("coordinates", []) if geom.get("type") == "MultiPolygon" else [])
+        polys = (
+            [geom["coordinates"]]
+            if geom.get("type") == "Polygon"
+            else geom.get("coordinates", [])
+            if geom.get("type") == "MultiPolygon"
+            else []
+        )
         for rings in polys:
             arrs = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings if len(r) >= 3]
             if not arrs:
@@ -76,8 +83,14 @@ def find_annotation(row: pd.Series, manifest_source: Path) -> Path | None:
     return cand if cand.exists() else None
 
 
-def tile_labels(coords: np.ndarray, extent: float, lesions: list[Lesion], rule: str = "centre",
-                min_overlap: float = 0.5, grid: int = 8) -> np.ndarray:
+def tile_labels(
+    coords: np.ndarray,
+    extent: float,
+    lesions: list[Lesion],
+    rule: str = "centre",
+    min_overlap: float = 0.5,
+    grid: int = 8,
+) -> np.ndarray:
     """Tile ground truth from lesion polygons.
 
     Args:

@@ -148,8 +148,7 @@ def make_slide(job: dict) -> dict:
     )
     image, polygons = render(spec)
     write_pyramid_tiff(tiff, image, job["mpp"], opts["n_levels"], opts["tile"], opts["quality"])
-    decoys = decoy_outlines(spec) if spec.task != DEFAULTS["task"] else None
-    _write_text(geo, json.dumps(_geojson(polygons, decoys)))
+    _write_text(geo, json.dumps(_geojson(polygons, decoy_outlines(spec))))
     return {
         **job,
         "skipped": False,

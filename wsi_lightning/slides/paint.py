@@ -31,9 +31,7 @@ if TYPE_CHECKING:
 CELL_UM = 8.0  # grid of the low-resolution tissue field
 STREAM_TISSUE, STREAM_STROMA, STREAM_NUCLEI, STREAM_TUMOUR = 1, 2, 3, 4
 STREAM_ARCH, STREAM_ATYPIA = 5, 6  # multiscale task
-ARCH_PERIOD_UM = (110.0, 170.0)  # stripe period of an architecture region
-ARCH_EDGE_UM = 10.0  # blur of the architecture regions' edges
-ARCH_WARP = 1.5  # phase warp (radians per unit sd) that makes the stripes wavy
+GRANULE_UM = 0.5  # multiscale task: cell size of the cytoplasm granularity
 H_MAX = 2.6  # cap on hematoxylin concentration where nuclei overlap
 
 
@@ -46,8 +44,7 @@ class Canvas:
     lesion: np.ndarray  # bool
     h: np.ndarray  # float32 hematoxylin concentration
     e: np.ndarray  # float32 eosin concentration
-    arch: np.ndarray | None = None  # multiscale: float32 architecture field in [-1, 1]
-    atypia: np.ndarray | None = None  # multiscale: bool, where nuclei are atypical
+    atypia: np.ndarray | None = None  # multiscale task: bool, where nuclei are atypical
 
     @classmethod
     def empty(cls, height: int, width: int, mpp: float) -> Canvas:
@@ -206,14 +203,12 @@ def jittered_points(
     density_per_mm2: float,
     rng: np.random.Generator,
     cluster: float,
-    keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Jittered-grid points inside `region`, thinned by a smooth clustering field.
+    """Jittered-grid points inside `region` (one site per 1/density), of which ~80% are kept,
+    more or fewer where a smooth clustering field (weight `cluster`) is high or low.
 
     Args:
         region: (height, width) bool; points outside it are dropped.
-        keep: optional (height, width) float32 factor on the keep probability (<= 1 keeps the
-            mean density at most ``0.8 * density_per_mm2``).
 
     Returns:
         (n,) x and (n,) y float64 pixel positions.
@@ -228,10 +223,7 @@ def jittered_points(
     ok[ok] = region[iy[ok], ix[ok]]
     ny, nx = math.ceil(height * canvas.mpp / 16) + 2, math.ceil(width * canvas.mpp / 16) + 2
     density = upsample(smooth_noise(rng, (ny, nx), 3.0), 16.0, canvas)
-    p_keep = 0.8 + cluster * 0.3 * density[iy[ok], ix[ok]]
-    if keep is not None:
-        p_keep = p_keep * keep[iy[ok], ix[ok]]
-    ok[ok] &= rng.uniform(0, 1, int(ok.sum())) < p_keep
+    ok[ok] &= rng.uniform(0, 1, int(ok.sum())) < 0.8 + cluster * 0.3 * density[iy[ok], ix[ok]]
     return xs[ok], ys[ok]
 
 
@@ -242,11 +234,13 @@ def stamp_at(
     ns: NucleiSpec,
     rng: np.random.Generator,
     atypia: AtypiaSpec | None = None,
+    theta: np.ndarray | None = None,
 ) -> None:
     """Add nuclei of population `ns` centred at pixel positions (xs, ys), each (n,).
 
     With `atypia`, the nuclei get a crenated outline, chromatin clumps and a nucleolus, with the
-    same size and the same integrated hematoxylin as they would have without it.
+    same size and the same integrated hematoxylin as they would have without it. `theta` (n,)
+    fixes the orientations (radians) instead of drawing them.
     """
     n = len(xs)
     if n == 0:
@@ -261,6 +255,8 @@ def stamp_at(
         "phase": rng.uniform(0, 2 * np.pi, (n, 2)),
         "stain": ns.stain * rng.uniform(0.75, 1.2, n),
     }
+    if theta is not None:
+        params["theta"] = np.asarray(theta, np.float64)
     reach = 1 + ns.irregularity
     if atypia is not None:
         params.update(_atypia_params(rng, params, atypia, canvas.mpp))
@@ -274,7 +270,7 @@ def stamp_at(
             windows = _nucleus_windows(xs[sl], ys[sl], chunk, k, ns.chromatin, rng, canvas.shape)
         else:
             windows = _atypical_windows(
-                xs[sl], ys[sl], chunk, k, atypia, ns.chromatin, rng, canvas.shape
+                xs[sl], ys[sl], chunk, k, atypia, ns.chromatin, canvas.shape
             )
         np.add.at(flat_h, windows[1], windows[0])
     np.minimum(canvas.h, np.float32(H_MAX), out=canvas.h)
@@ -321,73 +317,114 @@ def _nucleus_windows(xs, ys, p, k, chromatin, rng, shape):
     return val[inside], idx[inside]
 
 
-# ------------------------------------------------------------------ multiscale task (cue regions)
+# ------------------------------------------------------------------ multiscale task (two cues)
 def paint_cue_regions(canvas: Canvas, spec: SlideSpec) -> None:
-    """Multiscale task: the architecture field and the atypia mask; cue regions become tissue.
+    """Multiscale task: where nuclei are atypical (``canvas.atypia``).
 
-    Architecture regions are the lesions (both cues) and the architecture decoys, atypia regions
-    the lesions and the cell decoys. ``canvas.lesion`` stays empty: lesions here are defined by
-    their two cues only, not by a colour change (``paint_stroma`` would pale them).
+    Atypia regions are the lesions (both cues) and the cell decoys; architecture regions (the
+    lesions and the architecture decoys) are drawn by ``paint_cue_nuclei``. Unlike the lesion
+    task's, these regions keep the tissue's lumens and stroma, and ``canvas.lesion`` stays
+    empty: only the two cues tell them from normal tissue.
     """
-    arch = list(spec.lesions + spec.arch_decoys)
-    cells = list(spec.lesions + spec.cell_decoys)
-    canvas.atypia = polygon_mask(canvas, [r.outline_um() for r in cells])
-    canvas.arch = np.zeros(canvas.shape, np.float32)
-    if arch:
-        warp = _arch_warp(canvas, spec)
-        for i, region in enumerate(arch):
-            _add_stripes(canvas, region, warp, np.random.default_rng([spec.seed, STREAM_ARCH, i]))
-    canvas.tissue |= canvas.atypia | (canvas.arch != 0)
+    regions = [r.outline_um() for r in spec.lesions + spec.cell_decoys]
+    canvas.atypia = polygon_mask(canvas, regions) & canvas.tissue
 
 
-def _arch_warp(canvas: Canvas, spec: SlideSpec) -> np.ndarray:
-    """Smooth phase warp of the stripes, (height, width) float32, unit sd."""
-    rng = np.random.default_rng([spec.seed, STREAM_ARCH])
+_SIGNS = np.array(  # the 6 ways to put two +1 and two -1 in a 2x2 block
+    [
+        [[1, 1], [-1, -1]],
+        [[1, -1], [1, -1]],
+        [[1, -1], [-1, 1]],
+        [[-1, 1], [1, -1]],
+        [[-1, 1], [-1, 1]],
+        [[-1, -1], [1, 1]],
+    ],
+    np.float32,
+)
+
+
+def paint_granular_cytoplasm(canvas: Canvas, spec: SlideSpec) -> None:
+    """Multiscale task: granular cytoplasm in the atypia regions.
+
+    Eosin is multiplied by ``1 +- granularity`` on 0.5 µm cells, two up and two down in every
+    1 µm block, so every block keeps its mean eosin: plain at 0.5 µm/px, gone (bar a slight
+    Beer-Lambert brightening) at 1 µm/px and coarser.
+    """
+    at = spec.atypia
+    regions = spec.lesions + spec.cell_decoys
+    if not regions or at.granularity <= 0:
+        return
+    rng = np.random.default_rng([spec.seed, STREAM_ATYPIA, 1])
+    lo = np.floor(np.min([r.outline_um().min(0) for r in regions], 0)).astype(int)  # (x, y) µm
+    hi = np.ceil(np.max([r.outline_um().max(0) for r in regions], 0)).astype(int)
+    nbx, nby = hi - lo
+    blocks = _SIGNS[rng.integers(0, len(_SIGNS), (nby, nbx))]  # (nby, nbx, 2, 2)
+    cells = blocks.transpose(0, 2, 1, 3).reshape(2 * nby, 2 * nbx)  # 0.5 µm cells
     height, width = canvas.shape
-    ny, nx = math.ceil(height * canvas.mpp / 16) + 2, math.ceil(width * canvas.mpp / 16) + 2
-    return upsample(smooth_noise(rng, (ny, nx), 4.0), 16.0, canvas)
-
-
-def _add_stripes(canvas: Canvas, region, warp: np.ndarray, rng: np.random.Generator) -> None:
-    """Add one region's wavy stripes, faded out over ~2 * ARCH_EDGE_UM outside its outline."""
-    period = rng.uniform(*ARCH_PERIOD_UM)
-    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-    height, width = canvas.shape
-    edge = ARCH_EDGE_UM / canvas.mpp
-    x0, y0 = np.floor(region.outline_um().min(0) / canvas.mpp - 3 * edge).astype(int)
-    x1, y1 = np.ceil(region.outline_um().max(0) / canvas.mpp + 3 * edge).astype(int)
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    local = Canvas.empty(y1 - y0, x1 - x0, canvas.mpp)
-    shifted = region.outline_um() - np.array([x0, y0]) * canvas.mpp
-    weight = ndimage.gaussian_filter(polygon_mask(local, [shifted]).astype(np.float32), edge)
-    np.clip(2 * weight, 0, 1, out=weight)  # 1 inside the outline, fading outside
-    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) * np.float32(canvas.mpp)
-    along = xs * np.float32(math.cos(angle)) + ys * np.float32(math.sin(angle))  # microns
-    stripes = np.sin(
-        along * np.float32(2 * np.pi / period) + phase + ARCH_WARP * warp[y0:y1, x0:x1]
-    )
-    canvas.arch[y0:y1, x0:x1] += weight * stripes
-    np.clip(canvas.arch, -1, 1, out=canvas.arch)
-
-
-def paint_architecture(canvas: Canvas, spec: SlideSpec) -> None:
-    """Multiscale task: collagen bands (more eosin) alternating with cell cords (less eosin)."""
-    if canvas.arch is not None:
-        canvas.e *= 1 + np.float32(spec.architecture.eosin_amp) * canvas.arch
+    px0, py0 = (lo / canvas.mpp).astype(int)
+    px1, py1 = min(math.ceil(hi[0] / canvas.mpp), width), min(math.ceil(hi[1] / canvas.mpp), height)
+    px0, py0 = max(px0, 0), max(py0, 0)
+    cy = ((np.arange(py0, py1) + 0.5) * canvas.mpp - lo[1]) // GRANULE_UM  # pixel -> cell
+    cx = ((np.arange(px0, px1) + 0.5) * canvas.mpp - lo[0]) // GRANULE_UM
+    cy = np.clip(cy.astype(int), 0, 2 * nby - 1)
+    cx = np.clip(cx.astype(int), 0, 2 * nbx - 1)
+    grain = cells[cy[:, None], cx[None, :]]  # (h, w) in {-1, 1}
+    gain = 1 + np.float32(at.granularity) * grain
+    inside = canvas.atypia[py0:py1, px0:px1]
+    canvas.e[py0:py1, px0:px1][inside] *= gain[inside]
 
 
 def paint_cue_nuclei(canvas: Canvas, spec: SlideSpec) -> None:
-    """Multiscale task: one nucleus population everywhere, denser in the cell cords of
-    architecture regions, atypical (same size, density and integrated stain) in atypia regions."""
+    """Multiscale task: nuclei scattered on a jittered grid, but lined up in cords in the
+    architecture regions (same mean density), and atypical (same size, density and integrated
+    stain) in the atypia regions."""
     rng = np.random.default_rng([spec.seed, STREAM_NUCLEI])
-    amp = spec.architecture.density_amp
-    keep = (1 - np.float32(amp) * canvas.arch) / np.float32(1 + amp)  # (H, W) in [0, 1]
-    density = spec.nuclei.density_per_mm2 * (1 + amp)
-    xs, ys = jittered_points(canvas, canvas.tissue, density, rng, cluster=0.5, keep=keep)
-    atypical = canvas.atypia[ys.astype(np.int64), xs.astype(np.int64)]
-    stamp_at(canvas, xs[~atypical], ys[~atypical], spec.nuclei, rng)
-    rng = np.random.default_rng([spec.seed, STREAM_ATYPIA])
-    stamp_at(canvas, xs[atypical], ys[atypical], spec.nuclei, rng, spec.atypia)
+    arch = spec.lesions + spec.arch_decoys
+    scattered = canvas.tissue & ~polygon_mask(canvas, [r.outline_um() for r in arch])
+    xs, ys = jittered_points(canvas, scattered, spec.nuclei.density_per_mm2, rng, cluster=0.5)
+    groups = [(xs, ys, None)]
+    for i, region in enumerate(arch):
+        cord_rng = np.random.default_rng([spec.seed, STREAM_ARCH, i])
+        groups.append(_cord_points(canvas, region, spec, cord_rng))
+    atypia_rng = np.random.default_rng([spec.seed, STREAM_ATYPIA])
+    for xs, ys, theta in groups:
+        atypical = canvas.atypia[ys.astype(np.int64), xs.astype(np.int64)]
+        for sel, r, at in ((~atypical, rng, None), (atypical, atypia_rng, spec.atypia)):
+            th = None if theta is None else theta[sel]
+            stamp_at(canvas, xs[sel], ys[sel], spec.nuclei, r, at, theta=th)
+
+
+def _cord_points(canvas: Canvas, region, spec: SlideSpec, rng: np.random.Generator):
+    """Nuclei in parallel, slightly wavy cords of ``cord_rows`` staggered rows filling `region`
+    (tissue only), with as many nuclei per area as ``jittered_points`` at the slide's density.
+
+    Returns:
+        (n,) x, (n,) y pixel positions and (n,) orientations (along the cords).
+    """
+    arch = spec.architecture
+    gap = rng.uniform(*arch.cord_gap_um)  # between cord centre lines
+    step = arch.cord_rows * 1e6 / (spec.nuclei.density_per_mm2 * gap)  # one site per 1/density
+    angle, wave = rng.uniform(0, np.pi), rng.uniform(*arch.cord_wave_um)
+    reach = region.max_radius_um + gap
+    a = np.arange(-reach, reach, step) + rng.uniform(0, step)  # along the cords, microns
+    cords = np.arange(-reach, reach, gap) + rng.uniform(0, gap)  # across
+    phase = rng.uniform(0, 2 * np.pi, len(cords))
+    rows = np.arange(arch.cord_rows) - (arch.cord_rows - 1) / 2
+    aa, kk, rr = (m.ravel() for m in np.meshgrid(a, np.arange(len(cords)), rows, indexing="ij"))
+    aa = aa + rr * step / 2 + rng.uniform(-0.15, 0.15, aa.shape) * step  # staggered rows
+    amp = arch.cord_wave_amp * gap
+    ph = 2 * np.pi * aa / wave + phase[kk]
+    bb = cords[kk] + amp * np.sin(ph) + rr * arch.row_um + rng.normal(0, 0.6, aa.shape)
+    theta = angle + np.arctan(amp * 2 * np.pi / wave * np.cos(ph)) + rng.normal(0, 0.2, aa.shape)
+    c, s = math.cos(angle), math.sin(angle)
+    x = (region.center_um[0] + c * aa - s * bb) / canvas.mpp
+    y = (region.center_um[1] + s * aa + c * bb) / canvas.mpp
+    keep = rng.uniform(0, 1, aa.shape) < 0.8  # the mean keep rate of jittered_points
+    height, width = canvas.shape
+    keep &= (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    inside = polygon_mask(canvas, [region.outline_um()]) & canvas.tissue
+    keep[keep] = inside[y[keep].astype(np.int64), x[keep].astype(np.int64)]
+    return x[keep], y[keep], theta[keep]
 
 
 def _atypia_params(rng: np.random.Generator, p: dict, at: AtypiaSpec, mpp: float) -> dict:
@@ -404,18 +441,19 @@ def _atypia_params(rng: np.random.Generator, p: dict, at: AtypiaSpec, mpp: float
         "cphase": rng.uniform(0, 2 * np.pi, (n, 3)),
         "clump_u": radius * np.cos(angle),
         "clump_v": radius * np.sin(angle),
-        "nucleolus": rng.uniform(-0.2, 0.2, (n, 2)),
+        "nucleolus": rng.uniform(-0.15, 0.15, (n, 2)),
         "clump_px": np.full(n, at.clump_um / mpp),
         "nucleolus_px": np.full(n, at.nucleolus_um / mpp),
     }
 
 
-def _atypical_windows(xs, ys, p, k, at, chromatin, rng, shape):
-    """Atypical nuclei: clumped chromatin + nucleolus; integrated stain of a normal nucleus."""
+def _atypical_windows(xs, ys, p, k, at, chromatin, shape):
+    """Atypical (vesicular) nuclei: a thick membrane, chromatin clumps and a nucleolus on a pale
+    nucleoplasm, with the integrated stain of a normal nucleus of the same outline."""
     u, v, rho, r_px, idx, valid = _window_geometry(xs, ys, p, k, shape)
     val = np.clip((1 - rho) * r_px + 0.5, 0, 1)  # soft 1-px edge
+    tex = np.float32(at.rim) * np.exp(-(((rho - 0.85) / 0.15) ** 2))  # membrane
     s2 = 2 * (p["clump_px"].astype(np.float32)[:, None, None] / r_px) ** 2  # (n, 1, 1)
-    tex = np.zeros_like(val)
     for j in range(p["clump_u"].shape[1]):
         du = u - p["clump_u"][:, j, None, None].astype(np.float32)
         dv = v - p["clump_v"][:, j, None, None].astype(np.float32)
@@ -425,7 +463,7 @@ def _atypical_windows(xs, ys, p, k, at, chromatin, rng, shape):
     dv = v - p["nucleolus"][:, 1, None, None].astype(np.float32)
     tex += np.float32(at.nucleolus_weight) * np.exp(-(du * du + dv * dv) / s2)
     mean = (val * tex).sum((1, 2), keepdims=True) / np.maximum(val.sum((1, 2), keepdims=True), 1)
-    tex = (1 - at.contrast) + at.contrast * tex / np.maximum(mean, 1e-6)  # mean 1 over the nucleus
+    tex = (1 - at.contrast) + at.contrast * tex / np.maximum(mean, 1e-6)  # mean 1 in the nucleus
     val *= tex * np.float32((1 - chromatin / 2) * at.stain)  # normal: mean speckle 1 - c/2
     val *= (0.85 + 0.3 * np.minimum(rho, 1)) * p["stain"].astype(np.float32)[:, None, None]
     inside = (val > 0) & valid

@@ -17,8 +17,24 @@ What the demo data is designed to show:
       ~1.7% of the tissue area, ~2.4% of 56-µm tissue tiles): attention MIL finds it, mean
       pooling mostly does not.
 
-Later additions (an architecture pattern at low magnification, stain palettes and organ-like
-patterns for multi-tag tasks) are new spec fields + painters appended to ``PAINTERS``.
+Task ``"multiscale"`` (``sample_spec(task=...)``, painters ``MULTISCALE_PAINTERS``): the label
+needs two cues at the same place, each visible at one magnification only (CS-MIL-style data):
+    - Architecture (needs ~100-200 µm of context): in its regions the nuclei line up in parallel
+      cords of 3 rows, 60-70 µm apart, at the slide's mean density. A 56 µm window at 0.5 µm/px
+      shows the usual nuclei; a 224 µm window at 2 µm/px shows the cords.
+    - Atypia (needs 0.5 µm/px): vesicular nuclei (crenated, thick membrane, chromatin clumps,
+      nucleolus) with the size, density and integrated stain of normal ones, in granular
+      cytoplasm whose eosin alternates on 0.5 µm cells with an unchanged mean over every 1 µm.
+      At 1-2 µm/px the region's colour and texture match normal tissue.
+    - Every slide has 2 regions per cue (140-220 µm radius); on a tumour slide one region has
+      both (the lesion, annotated 'Tumor'), the others are single-cue decoys (annotated
+      'Decoy-architecture' / 'Decoy-cells'). Cue counts do not depend on the label, so a model
+      that sees one magnification is at chance; ``bench/check_multiscale_demo.py`` measures it.
+    - Nuclei are denser (3000-4500 /mm²) and tissue covers 20% more glass than in the lesion
+      task; the nuisance variation is the same.
+
+Later additions (stain palettes and organ-like patterns for multi-tag tasks) are new spec fields
++ painters, in ``PAINTERS`` (no-ops for existing specs) or in a new task's painter sequence.
 """
 
 from __future__ import annotations
@@ -133,25 +149,53 @@ class Lesion:
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Multiscale task: abnormal architecture = wavy stripes (period ``paint.ARCH_PERIOD_UM``) of
-    cell cords (less eosin, more nuclei) and collagen bands (more eosin, fewer nuclei)."""
+    """Multiscale task: abnormal architecture = trabeculae: nuclei lined up in parallel cords of
+    `cord_rows` staggered rows, at the slide's usual mean nuclear density (so the cords are
+    tens of microns apart, with nucleus-poor stroma between them)."""
 
-    eosin_amp: float  # relative eosin modulation
-    density_amp: float  # relative nuclear density modulation
+    cord_rows: int  # rows of nuclei per cord
+    row_um: float  # spacing between the rows of a cord
+    cord_gap_um: tuple[float, float]  # range of the spacing between cords (per region)
+    cord_wave_um: tuple[float, float]  # range of the cords' undulation wavelength
+    cord_wave_amp: float  # undulation amplitude, relative to the spacing between cords
 
 
 @dataclass(frozen=True)
 class AtypiaSpec:
-    """Multiscale task: atypical nuclei = crenated outline, clumped chromatin and a nucleolus, with
-    the size, density and integrated hematoxylin of the slide's normal nuclei."""
+    """Multiscale task: atypical cells = vesicular nuclei (crenated outline, thick membrane,
+    clumped chromatin and a nucleolus on a pale nucleoplasm, with the size, density and
+    integrated hematoxylin of the slide's normal nuclei) in granular cytoplasm (eosin that
+    alternates on 0.5 µm cells, with the same mean over every 1 µm)."""
 
     crenation: float  # amplitude of outline harmonics 5-7 (relative radius)
+    rim: float  # weight of the membrane in the texture
     clumps: int  # chromatin clumps per nucleus
     clump_um: float  # clump sd
-    contrast: float  # in [0, 1]: share of the stain in clumps + nucleolus
     nucleolus_um: float  # nucleolus sd
     nucleolus_weight: float  # nucleolus peak relative to a clump
+    contrast: float  # in [0, 1]: share of the stain in the texture (rest uniform)
     stain: float  # factor on the stain, for equal mean colour at low magnification
+    granularity: float  # relative eosin granularity of the cytoplasm (0: none)
+
+
+MULTISCALE_ARCHITECTURE = ArchitectureSpec(
+    cord_rows=3,
+    row_um=12.0,
+    cord_gap_um=(60.0, 70.0),
+    cord_wave_um=(150.0, 300.0),
+    cord_wave_amp=0.08,
+)
+MULTISCALE_ATYPIA = AtypiaSpec(
+    crenation=0.06,
+    rim=1.5,
+    clumps=5,
+    clump_um=0.5,
+    nucleolus_um=0.6,
+    nucleolus_weight=3.0,
+    contrast=0.8,
+    stain=1.05,
+    granularity=0.4,
+)
 
 
 @dataclass(frozen=True)
@@ -197,7 +241,7 @@ MULTISCALE_PAINTERS = (
     paint.paint_tissue,
     paint.paint_cue_regions,
     paint.paint_stroma,
-    paint.paint_architecture,
+    paint.paint_granular_cytoplasm,
     paint.paint_cue_nuclei,
 )
 TASK_PAINTERS = {"lesion": PAINTERS, "multiscale": MULTISCALE_PAINTERS}
@@ -304,7 +348,7 @@ def sample_spec(
         tumour,
     )
     if task == "multiscale":
-        return sample_multiscale_regions(rng, spec, min(max_lesions, 2))
+        return sample_multiscale_regions(rng, spec, per_cue=min(max_lesions, 2))
     if label == "tumor":
         n = int(rng.choice(np.arange(1, max_lesions + 1), p=_lesion_count_p(max_lesions)))
         spec = replace(spec, lesions=_place_lesions(rng, spec, n))
@@ -312,50 +356,46 @@ def sample_spec(
 
 
 def sample_multiscale_regions(
-    rng: np.random.Generator, spec: SlideSpec, max_per_cue: int = 2
+    rng: np.random.Generator, spec: SlideSpec, per_cue: int = 2
 ) -> SlideSpec:
-    """Add the multiscale task's cue regions to a slide.
+    """Turn a drawn slide into one of the multiscale task: denser nuclei, more tissue, and cue
+    regions.
 
-    Each slide draws how many regions show each cue, architecture and atypia, 1 to
-    `max_per_cue` each, independently of its label. On a tumour slide one region shows both cues
-    (the lesion) and the rest one cue each (decoys); on a normal slide all are decoys. So the
-    number of regions with either cue has the same distribution in both classes: a model that
-    sees one magnification (one cue) cannot tell the classes apart, only the co-location of both
-    cues, which needs both magnifications, can. All regions have the same size distribution
-    (60-120 µm radius) and are placed apart from each other (40 µm gap).
+    Every slide has `per_cue` regions with the architecture cue and `per_cue` with the atypia
+    cue, whatever its label. On a tumour slide one region has both (the lesion), the others one
+    each (decoys); on a normal slide all are decoys. So a model that sees one cue (one
+    magnification) finds the same number of cue regions in both classes and cannot tell them
+    apart; only the co-location of both cues, which needs both magnifications, can. All regions
+    have the same size distribution (``_region_radius``, placed in random order) and keep 40 µm
+    apart.
     """
-    n_arch, n_cells = (int(n) for n in rng.integers(1, max_per_cue + 1, 2))
-    n_both = 1 if spec.label == "tumor" else 0
     spec = replace(
         spec,
         task="multiscale",
-        architecture=ArchitectureSpec(eosin_amp=0.4, density_amp=0.5),
-        atypia=AtypiaSpec(
-            crenation=0.08,
-            clumps=7,
-            clump_um=0.45,
-            contrast=0.85,
-            nucleolus_um=0.55,
-            nucleolus_weight=2.0,
-            stain=1.0,
-        ),
+        tissue=replace(spec.tissue, coverage=spec.tissue.coverage + 0.2),  # room for the regions
+        # denser than the lesion task's, so that cords at the same density are close together
+        nuclei=replace(spec.nuclei, density_per_mm2=float(rng.uniform(3000, 4500))),
+        architecture=MULTISCALE_ARCHITECTURE,
+        atypia=MULTISCALE_ATYPIA,
     )
-    counts = (n_both, n_arch - n_both, n_cells - n_both)
+    n_both = 1 if spec.label == "tumor" else 0
+    kinds = np.repeat([0, 1, 2], [n_both, per_cue - n_both, per_cue - n_both])  # both/arch/cells
+    kinds = kinds[rng.permutation(len(kinds))]
     regions = _place_lesions(
-        rng, spec, sum(counts), radius=_region_radius, gap_um=40.0, min_radius_um=40.0
+        rng, spec, len(kinds), radius=_region_radius, gap_um=40.0, min_radius_um=25.0
     )
-    if len(regions) < sum(counts):
+    if len(regions) < len(kinds):
         raise RuntimeError(
-            f"slide {spec.slide_id}: no room for {sum(counts)} cue regions; use a larger size_um"
+            f"slide {spec.slide_id}: no room for {len(kinds)} cue regions; use a larger size_um"
         )
-    a, b = counts[0], counts[0] + counts[1]
-    return replace(spec, lesions=regions[:a], arch_decoys=regions[a:b], cell_decoys=regions[b:])
+    by_kind = [tuple(r for r, k in zip(regions, kinds, strict=True) if k == j) for j in range(3)]
+    return replace(spec, lesions=by_kind[0], arch_decoys=by_kind[1], cell_decoys=by_kind[2])
 
 
 def _region_radius(rng: np.random.Generator, cap_um: float) -> float:
-    """Multiscale cue regions: 60-120 µm radius (log-uniform), so that their architecture fills
-    most of a 224 µm window."""
-    return float(min(math.exp(rng.uniform(math.log(60), math.log(120))), cap_um))
+    """Multiscale cue regions: 140-220 µm radius (log-uniform; less where they do not fit), so
+    that their architecture fills most of the 224 µm window of the tiles inside them."""
+    return float(min(math.exp(rng.uniform(math.log(140), math.log(220))), cap_um))
 
 
 def _lesion_count_p(max_lesions: int) -> np.ndarray:

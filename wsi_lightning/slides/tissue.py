@@ -166,7 +166,9 @@ def segment_tissue(
         holes = ndimage.binary_fill_holes(mask) & ~mask
         if max_hole_um2 is not None:
             hl, nh = ndimage.label(holes)
-            small = np.concatenate([[False], np.bincount(hl.ravel())[1:] * mpp * mpp < max_hole_um2])
+            small = np.concatenate(
+                [[False], np.bincount(hl.ravel())[1:] * mpp * mpp < max_hole_um2]
+            )
             holes = small[hl]
         mask = mask | holes
     labels, n = ndimage.label(mask)
