@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark, print one table, save JSON under bench/results/.
 
 Each benchmark measures its ratio side by side in one run. Usage:
-    python -m bench [--quick] [--only tiles,bags,extract]
+    python -m bench [--quick] [--only tiles,bags,extract,sampling,hag_mil]
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-BENCHES = {"tiles": "bench.bench_tiles", "bags": "bench.bench_bags", "extract": "bench.bench_extract"}
+BENCHES = {"tiles": "bench.bench_tiles", "bags": "bench.bench_bags", "extract": "bench.bench_extract",
+           "sampling": "bench.bench_sampling", "hag_mil": "bench.bench_hag_mil"}
 
 
 def main() -> int:

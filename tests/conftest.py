@@ -56,6 +56,52 @@ def make_feature_bags(root: Path, n_slides: int = 24, dim: int = 16, seed: int =
     return path
 
 
+def make_quadtree_bags(root: Path, n_slides: int = 12, dim: int = 16, seed: int = 0,
+                       n_coarse: tuple[int, int] = (3, 7), levels: int = 3) -> Path:
+    """A quadtree feature store (HAG-MIL layout) + manifest.
+
+    Each slide has ``n_coarse`` coarse tiles on a row and all 4 children per level (HAG-MIL
+    order). In class-1 slides one coarse tile is a 'lesion': its descendants at the finest level
+    carry +3 on feature axis 1, the coarse tile itself only +1 (a weak low-magnification cue).
+    Returns the manifest path; the store is ``root / "store"``.
+    """
+    from wsi_lightning.features.store import FeatureStore
+    from wsi_lightning.slides.multiscale import CHILD_OFFSETS
+
+    rng = np.random.default_rng(seed)
+    store = FeatureStore(root / "store")
+    ext = [64 * 2 ** (levels - 1 - lvl) for lvl in range(levels)]
+    rows = []
+    for i in range(n_slides):
+        label = i % 2
+        n0 = int(rng.integers(*n_coarse))
+        coords = [np.stack([np.arange(n0) * ext[0], np.zeros(n0)], 1).astype(np.int64)]
+        parents, lesion = [np.full(n0, -1)], [np.zeros(n0, bool)]
+        if label:
+            lesion[0][int(rng.integers(n0))] = True
+        for lvl in range(1, levels):
+            up = coords[-1]
+            coords.append((up[:, None] + CHILD_OFFSETS[None] * ext[lvl]).reshape(-1, 2))
+            parents.append(np.repeat(np.arange(len(up)), 4))
+            lesion.append(np.repeat(lesion[-1], 4))
+        feats = []
+        for lvl in range(levels):
+            f = rng.normal(size=(len(coords[lvl]), dim)).astype(np.float32)
+            f[lesion[lvl], 1] += 3.0 if lvl == levels - 1 else 1.0
+            feats.append(f)
+        sizes = [len(c) for c in coords]
+        store.write_slide(f"q{i:03d}", np.concatenate(feats).astype(np.float16), np.concatenate(coords),
+                          {"mpp": 0.5, "tile_size": 64, "extent_level0": ext[-1], "multiscale": "quadtree",
+                           "level_sizes": sizes, "level_mpp": [0.5 * 2 ** (levels - 1 - lvl) for lvl in range(levels)],
+                           "level_extent_level0": ext},
+                          extra={"level": np.repeat(np.arange(levels), sizes), "parent": np.concatenate(parents)})
+        rows.append({"slide_id": f"q{i:03d}", "case_id": f"c{i:03d}", "path": f"slides/q{i:03d}.tiff",
+                     "label": f"class{label}"})
+    path = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
 @pytest.fixture
 def bag_data(tmp_path: Path) -> Path:
     return make_feature_bags(tmp_path)

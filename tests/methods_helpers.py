@@ -13,3 +13,34 @@ def tiny_bag(d: int, b: int = 2, n: int = 10, seed: int = 0) -> Bag:
     mask[1, n - 3:] = False
     feats = torch.randn(b, n, d, generator=g).masked_fill(~mask[..., None], 0.0)
     return Bag(feats, mask, torch.zeros(b, n, 2, dtype=torch.long), {}, [f"s{i}" for i in range(b)])
+
+
+def quadtree_bag(d: int, b: int = 2, n0: int = 3, levels: int = 3, pad_to: int | None = None,
+                 seed: int = 0) -> Bag:
+    """B quadtree bags (every parent has 4 children, HAG-MIL order); bag i has ``n0 - i``
+    coarse tiles. Valid features depend on (seed, bag, level) only, so a padded copy
+    (``pad_to`` coarse rows, padding filled with large garbage) holds the same bags."""
+    from wsi_lightning.data.batch import LevelSet
+
+    sets = []
+    for lvl in range(levels):
+        n_max = (pad_to or n0) * 4**lvl
+        feats = torch.full((b, n_max, d), 0.0)
+        mask = torch.zeros(b, n_max, dtype=torch.bool)
+        parent = torch.full((b, n_max), -1, dtype=torch.long)
+        coords = torch.full((b, n_max, 2), -1, dtype=torch.long)
+        for i in range(b):
+            n = (n0 - i) * 4**lvl
+            g = torch.Generator().manual_seed(seed * 1000 + i * 10 + lvl)
+            feats[i, :n] = torch.randn(n, d, generator=g)
+            if pad_to:
+                feats[i, n:] = 1e3 * torch.randn(n_max - n, d, generator=g)
+            mask[i, :n] = True
+            coords[i, :n, 0] = torch.arange(n) * 64
+            if lvl:
+                parent[i, :n] = torch.arange(n) // 4
+        extent = 64 * 2 ** (levels - 1 - lvl)
+        sets.append(LevelSet(feats * mask[..., None] if not pad_to else feats, mask, coords, parent,
+                             extent, 0.5 * 2 ** (levels - 1 - lvl)))
+    fin = sets[-1]
+    return Bag(fin.features, fin.mask, fin.coords, {}, [f"s{i}" for i in range(b)], sets)

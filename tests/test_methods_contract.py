@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from tests.methods_helpers import quadtree_bag
 from wsi_lightning.build import import_registered
 from wsi_lightning.data.bags import BagDataModule
 from wsi_lightning.data.batch import Bag
@@ -33,8 +34,30 @@ def make_bag(b: int = 3, n: int = 12, pad_to: int | None = None, seed: int = 0, 
     return Bag(feats, mask, coords, {}, [f"s{i}" for i in range(b)])
 
 
+def kind_of(name: str) -> str:
+    return getattr(METHODS.get(name), "input_kind", "bag")
+
+
+# Methods trained end to end on whole slides (input_kind "slide": magnet) take no feature bags;
+# their contract tests (shapes, gradients, fast_dev_run, checkpoints) are in tests/methods/.
+BAG_METHODS = [n for n in METHODS.names() if kind_of(n) != "slide"]
+
+
+def bag_for(name: str, b: int = 3, n: int = 12, pad_to: int | None = None, seed: int = 0) -> Bag:
+    """The input a method takes: plain, multi-scale (B, N, S, D) or quadtree bags (n // 4
+    coarse tiles per bag, so the finest level has about 4n instances)."""
+    if kind_of(name) == "quadtree":
+        return quadtree_bag(D, b=b, n0=max(b + 1, n // 4), pad_to=pad_to and max(b + 1, pad_to // 4), seed=seed)
+    return make_bag(b=b, n=n, pad_to=pad_to, seed=seed, scales=scales_of(name))
+
+
+def small(name: str) -> dict:
+    """A method's ``contract_kwargs``: the same code at small widths (paper widths are slow on CPU)."""
+    return dict(getattr(METHODS.get(name), "contract_kwargs", {}))
+
+
 def build(name: str, task: str = "single"):
-    return METHODS.get(name)(in_dim=D, num_classes=TASKS[task]).eval()
+    return METHODS.get(name)(in_dim=D, num_classes=TASKS[task], **small(name)).eval()
 
 
 def scales_of(name: str) -> int | None:
@@ -43,9 +66,9 @@ def scales_of(name: str) -> int | None:
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", BAG_METHODS)
 def test_shapes_and_no_nan(name: str, task: str):
-    out = build(name, task)(make_bag(scales=scales_of(name)))
+    out = build(name, task)(bag_for(name))
     assert set(out.logits) == set(TASKS[task])
     for t, c in TASKS[task].items():
         assert out.logits[t].shape == (3, c)
@@ -54,25 +77,27 @@ def test_shapes_and_no_nan(name: str, task: str):
         assert torch.isfinite(v).all()
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", BAG_METHODS)
 def test_mask_invariance(name: str):
     """Padding a bag with garbage instances must not change its output."""
     model = build(name)
-    small = make_bag(b=2, n=10, scales=scales_of(name))
-    big = make_bag(b=2, n=10, pad_to=25, scales=scales_of(name))
-    big.features[:, :10] = small.features
-    big.features[~big.mask] = 1e3 * torch.randn_like(big.features[~big.mask])
+    small = bag_for(name, b=2, n=10)
+    big = bag_for(name, b=2, n=10, pad_to=25)  # quadtree bags: padded at every level
+    if kind_of(name) != "quadtree":
+        big.features[:, :10] = small.features
+        big.features[~big.mask] = 1e3 * torch.randn_like(big.features[~big.mask])
     with torch.no_grad():
         a, b = model(small), model(big)
     for t in a.logits:
         torch.testing.assert_close(a.logits[t], b.logits[t], rtol=1e-4, atol=1e-5)
     if a.attention is not None:
-        torch.testing.assert_close(a.attention, b.attention[..., :10], rtol=1e-4, atol=1e-6)
+        n = small.mask.shape[1]
+        torch.testing.assert_close(a.attention, b.attention[..., :n], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", BAG_METHODS)
 def test_attention_sums_to_one_on_valid_instances(name: str):
-    bag = make_bag(b=3, n=12, scales=scales_of(name))
+    bag = bag_for(name, b=3, n=12)
     out = build(name)(bag)
     if out.attention is None:
         pytest.skip(f"{name} has no attention")
@@ -81,11 +106,11 @@ def test_attention_sums_to_one_on_valid_instances(name: str):
     assert (a.masked_select(~bag.mask[:, None].expand_as(a)) == 0).all()
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", BAG_METHODS)
 def test_every_parameter_gets_a_gradient(name: str):
     torch.manual_seed(0)
     model = build(name, "multitag").train()
-    bag = make_bag(b=4, n=30, scales=scales_of(name))
+    bag = bag_for(name, b=4, n=30)
     bag.labels = {"stain": torch.tensor([0, 1, 2, 0]), "organ": torch.tensor([3, 2, 1, 0])}
     out = model(bag)
     loss = torch.stack(list(model.task_loss(out, bag).values()) + list(out.aux_losses.values())).sum()
@@ -93,6 +118,8 @@ def test_every_parameter_gets_a_gradient(name: str):
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+        if pname.endswith(tuple(getattr(METHODS.get(name), "zero_grad_params", ()))):
+            continue  # declared mathematically zero (e.g. a bias under a softmax)
         assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
 
 
@@ -109,14 +136,21 @@ class _Scaled(torch.utils.data.Dataset):
         return it
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", BAG_METHODS)
 def test_fast_dev_run_and_checkpoint_round_trip(name: str, bag_data: Path, tmp_path: Path):
+    if kind_of(name) == "quadtree":
+        from tests.conftest import make_quadtree_bags
+        from wsi_lightning.data.quadtree import QuadtreeBagDataModule
+
+        bag_data = make_quadtree_bags(tmp_path / "qt", n_slides=8)
     m = load_manifest(bag_data, "label", check_files=False)
-    dm = BagDataModule(m, bag_data.parent / "store", split={"val": 0.25, "test": 0.25}, batch_size=2)
+    dm_cls = QuadtreeBagDataModule if kind_of(name) == "quadtree" else BagDataModule
+    dm = dm_cls(m, bag_data.parent / "store", split={"val": 0.25, "test": 0.25}, batch_size=2)
     dm.setup()
     if scales_of(name):  # same bags seen at S "scales" (the real multi-scale data is tested elsewhere)
         dm.datasets = {k: _Scaled(v, scales_of(name)) for k, v in dm.datasets.items()}
-    model = METHODS.get(name)(in_dim=dm.in_dim, num_classes=dm.num_classes, class_names=dm.class_names)
+    model = METHODS.get(name)(in_dim=dm.in_dim, num_classes=dm.num_classes, class_names=dm.class_names,
+                              **small(name))
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(model, datamodule=dm)

@@ -53,8 +53,11 @@ def store_path(cfg: DictConfig) -> Path:
         return Path(cfg.data.store)
     t, f = cfg.tiling, cfg.features
     key = f"{Path(str(f.backbone)).name}_{t.tile_size}px_{t.mpp}mpp"
-    if t.multiscale.mode != "none":
+    if t.multiscale.mode == "concentric":
         key += f"_{t.multiscale.mode}" + "-".join(f"{c:g}" for c in t.multiscale.context)
+    elif t.multiscale.mode == "quadtree":
+        mct = t.multiscale.min_child_tissue
+        key += f"_quadtree{t.multiscale.levels}" + ("" if mct is None else f"-child{mct:g}")
     base = demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root)
     return base / "features" / key
 
@@ -71,6 +74,9 @@ def build_datamodule(cfg: DictConfig) -> Any:
     if cfg.data.task == "binary" and any(len(c) != 2 for c in manifest.classes.values()):
         raise ConfigError(f"data.task=binary but {manifest.source} has classes {manifest.classes}; "
                           "set data.task=multiclass")
+    kind = getattr(METHODS.get(str(cfg.method.name)), "input_kind", "bag") if str(cfg.method.name) in METHODS else "bag"
+    if kind in ("slide", "patches"):
+        return _sampling_datamodule(cfg, manifest, kind)
     store = store_path(cfg)
     if not cfg.features.skip_errors:
         check_slide_files(manifest, skip=set(FeatureStore(store).complete_slides()))
@@ -88,6 +94,16 @@ def build_datamodule(cfg: DictConfig) -> Any:
                   max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers), prepare=prepare)
     if cfg.tiling.multiscale.mode == "none":
         return BagDataModule(manifest, store, **common)
+    if cfg.tiling.multiscale.mode == "quadtree":
+        from wsi_lightning.data.quadtree import QuadtreeBagDataModule
+
+        mode = cfg.data.multiscale.mode
+        if mode not in ("stack", "select"):
+            raise ConfigError(f"data.multiscale.mode={mode} with tiling.multiscale.mode=quadtree; "
+                              "expected stack (every level, for hierarchical methods) or select "
+                              "(the level data.multiscale.scale alone: 0 = coarsest, -1 = finest)")
+        level = int(cfg.data.multiscale.scale) if mode == "select" else None
+        return QuadtreeBagDataModule(manifest, store, level=level, **common)
     from wsi_lightning.data.multiscale import ClusterSampling, MultiScaleBagDataModule
 
     ms = to_dict(cfg.data.multiscale)
@@ -97,16 +113,32 @@ def build_datamodule(cfg: DictConfig) -> Any:
                                    test_bags=int(ms["test_bags"]), seed=int(cfg.seed), **common)
 
 
+def _sampling_datamodule(cfg: DictConfig, manifest: Any, kind: str) -> Any:
+    """On-the-fly slide sampling for end-to-end methods (no tiling, no feature store)."""
+    from wsi_lightning.data.sampling import GreyFilter, SlideSamplingDataModule
+
+    smp = dict(to_dict(cfg.data.sampling))
+    grey_tol = smp.pop("grey_tol")
+    grey = None if grey_tol is None else GreyFilter(tol=int(grey_tol), max_fraction=float(smp.pop("grey_max_fraction")))
+    smp.pop("grey_max_fraction", None)
+    base = demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root)
+    key = f"{cfg.tiling.thumb_mpp}mpp"
+    return SlideSamplingDataModule(manifest, mode=kind, split=to_dict(cfg.data.split),
+                                   batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
+                                   grey=grey, tissue={"thumb_mpp": float(cfg.tiling.thumb_mpp)},
+                                   tissue_cache=base / "tissue" / key, seed=int(cfg.seed), **smp)
+
+
 # ----------------------------------------------------------------------------- method
 def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     """The registered method class and its checked arguments from ``method:``."""
-    from wsi_lightning.methods.base import net_arguments
+    from wsi_lightning.methods.base import module_arguments, net_arguments
 
     import_registered()
     m = dict(to_dict(cfg.method))
     name = m.pop("name")
     cls = METHODS.get(name)
-    valid = net_arguments(cls.Net)
+    valid = {**net_arguments(cls.Net), **module_arguments(cls)}
     unknown = sorted(set(m) - set(valid))
     if unknown:
         raise ConfigError(f"unknown config key(s) {['method.' + k for k in unknown]} for method "
@@ -179,5 +211,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer
         callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir) or False,
         use_distributed_sampler=False,  # BagDataModule shards itself (unpadded val/test)
     )
+    method = METHODS.get(str(cfg.method.name)) if str(cfg.method.name) in METHODS else None
+    if getattr(method, "find_unused_parameters", False) and t["strategy"] in ("auto", "ddp"):
+        # methods stepping sub-models separately (HAG-MIL's levels) leave parameters out of a
+        # backward; DDP must look for them (only matters with several devices)
+        kwargs["strategy"] = "ddp_find_unused_parameters_true" if _multi_device(t) else t["strategy"]
+    if getattr(method, "manual_optimization", False) and t["accumulate_grad_batches"] != 1:
+        raise ConfigError(f"{cfg.method.name} optimises manually; trainer.accumulate_grad_batches must be 1")
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+def _multi_device(t: dict[str, Any]) -> bool:
+    devices, nodes = t["devices"], int(t["num_nodes"])
+    many = devices == -1 or (isinstance(devices, int) and devices > 1) or (
+        isinstance(devices, (list, str)) and len(str(devices).split(",")) > 1)
+    return many or nodes > 1

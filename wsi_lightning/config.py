@@ -182,7 +182,7 @@ def _validate_values(cfg: DictConfig) -> None:
         "optim.scheduler": ("none", "cosine"),
         "monitor.mode": ("min", "max"),
         "logger.wandb.mode": ("offline", "online", "disabled"),
-        "tiling.multiscale.mode": ("none", "concentric"),
+        "tiling.multiscale.mode": ("none", "concentric", "quadtree"),
         "data.multiscale.mode": ("stack", "select", "flatten", "sum", "concat"),
     }
     for key, allowed in choices.items():

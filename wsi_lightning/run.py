@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from wsi_lightning import build
@@ -81,6 +82,9 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
     save_resolved(cfg, run_dir)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)
+    threads = torch.get_num_threads()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
     try:
         trainer = build.build_trainer(cfg, run_dir)
         trainer.callbacks.extend(extra_callbacks or [])
@@ -89,6 +93,7 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, verbose=False)
     finally:
+        torch.set_num_threads(threads)
         if previous is None:
             os.environ.pop(RUN_DIR_ENV, None)
         else:

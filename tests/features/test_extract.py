@@ -109,3 +109,28 @@ def test_concentric_extraction_stores_aligned_scales(demo_manifest: Path, tmp_pa
     # the 1x window is the base tile itself
     np.testing.assert_allclose(f3[:, :d].astype(np.float32), f1.astype(np.float32), rtol=1e-2, atol=1e-2)
     assert not np.allclose(f3[:, d:2 * d].astype(np.float32), f1.astype(np.float32), atol=1e-2)
+
+
+def test_quadtree_extraction_stores_levels_with_parents(demo_manifest: Path, tmp_path: Path):
+    from wsi_lightning.data.quadtree import split_levels
+
+    m = load_manifest(demo_manifest)
+    store = FeatureStore(tmp_path / "qt")
+    qt_tiling = {**TILING, "mpp": 1.0, "multiscale": {"mode": "quadtree", "levels": 3}}
+    ex.extract_features(m, store, qt_tiling, FEATS, tiles_dir=tmp_path / "tq")
+    sid = m.df["slide_id"][0]
+    a = store.attrs(sid)
+    assert a["multiscale"] == "quadtree" and a["level_mpp"] == [4.0, 2.0, 1.0]
+    n0, n1, n2 = a["level_sizes"]
+    assert n1 == 4 * n0 and n2 == 4 * n1  # HAG-MIL keeps all children by default
+    levels = split_levels(store, sid)
+    ext = a["level_extent_level0"]
+    assert ext[0] == 2 * ext[1] == 4 * ext[2]
+    for lvl in (1, 2):
+        child, par = levels[lvl]["coords"].numpy(), levels[lvl - 1]["coords"].numpy()
+        p = levels[lvl]["parent"].numpy()
+        off = child - par[p]  # every child inside its parent, at a quadrant offset
+        assert set(map(tuple, off.tolist())) == {(0, 0), (0, ext[lvl]), (ext[lvl], 0), (ext[lvl], ext[lvl])}
+        np.testing.assert_array_equal(off[:4], [[0, 0], [0, ext[lvl]], [ext[lvl], 0], [ext[lvl], ext[lvl]]])
+    # the finest level's features are those of plain tiles at the finest mpp at the same places
+    assert levels[2]["features"].shape == (n2, store.feature_dim())

@@ -16,7 +16,10 @@ test-time bag sampling (CS-MIL): a slide's sampled bags are merged, one value pe
 location (its mean over the bags), and ``tile`` indexes those locations. Methods that return
 cross-scale scores (``extras["cross_scale"]``, (B, N, S)) get S more maps after the instance
 attention: map 1 + s is scale s's score (CS-MIL's Fig. 3 paints each scale min-max normalised:
-``normalisation: minmax``). Images need
+``normalisation: minmax``). Methods that score other tile sets (HAG-MIL's quadtree levels) return
+them as ``extras["maps"]``: a list of ``{name, attention (B, n), mask (B, n), coords (B, n, 2),
+extent}`` (extent: the tiles' side in level-0 px); each becomes a map of its own, named
+``<slide_id>_<name>_heatmap.png`` and ``map = <name>`` in the CSV. Images need
 the slide files (manifest ``path`` and ``mpp``) and the feature store's tile geometry; without
 them (features imported without slides) the images are skipped with one warning and the CSV
 is still written. Lesion outlines come from a manifest column ``annotation`` (a GeoJSON path,
@@ -66,7 +69,7 @@ def _merge_bags(entries: list[dict[str, Any]]) -> dict[str, Any]:
     total = np.zeros((att.shape[0], len(uniq)))
     np.add.at(total, (slice(None), inv), att)
     counts = np.bincount(inv, minlength=len(uniq))
-    return {"slide_id": entries[0]["slide_id"], "attention": total / counts, "coords": uniq.astype(np.int64)}
+    return {**entries[0], "attention": total / counts, "coords": uniq.astype(np.int64)}
 
 
 @CALLBACKS.register("attention_logger")
@@ -148,6 +151,10 @@ class AttentionLogger(L.Callback):
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         out = getattr(pl_module, "last_output", None)
         att = getattr(out, "attention", None)
+        maps = (getattr(out, "extras", None) or {}).get("maps")
+        if maps:
+            self._keep_maps(batch, maps)
+            return
         if att is None:
             self._warn_once(trainer, "none", "attention_logger: %s gives no attention "
                             "(MILOutput.attention is None); no attention maps are written",
@@ -169,6 +176,16 @@ class AttentionLogger(L.Callback):
             self._slides.append({"slide_id": str(sid), "attention": att[b][:, mask[b]],  # (H, n)
                                  "coords": coords[b][mask[b]].astype(np.int64)})  # (n, 2)
 
+    def _keep_maps(self, batch: Any, maps: list[dict[str, Any]]) -> None:
+        """Named tile sets of their own geometry (``extras["maps"]``), one entry per slide and map."""
+        for m in maps:
+            att = m["attention"].detach().float().cpu().numpy()  # (B, n)
+            mask = m["mask"].cpu().numpy().astype(bool)
+            coords = m["coords"].cpu().numpy()
+            for b, sid in enumerate(batch.slide_ids):
+                self._slides.append({"slide_id": str(sid), "map": str(m["name"]), "extent": int(m["extent"]),
+                                     "attention": att[b][mask[b]][None], "coords": coords[b][mask[b]].astype(np.int64)})
+
     def _gather(self, trainer: L.Trainer) -> list[dict[str, Any]]:
         """Every rank's slides, each slide once, sorted by id (all ranks must call this)."""
         slides = self._slides
@@ -176,9 +193,9 @@ class AttentionLogger(L.Callback):
             parts: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(parts, slides)
             slides = [s for part in parts for s in part]
-        by_slide: dict[str, list[dict[str, Any]]] = {}
+        by_slide: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for s in slides:
-            by_slide.setdefault(s["slide_id"], []).append(s)
+            by_slide.setdefault((s["slide_id"], s.get("map", "")), []).append(s)
         return [_merge_bags(by_slide[k]) for k in sorted(by_slide)]
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -204,7 +221,7 @@ class AttentionLogger(L.Callback):
             att, xy = s["attention"], s["coords"]  # (H, n), (n, 2)
             for h in range(att.shape[0]):
                 parts.append(pd.DataFrame({
-                    "slide_id": s["slide_id"], "map": h, "tile": np.arange(att.shape[1]),
+                    "slide_id": s["slide_id"], "map": s.get("map", h), "tile": np.arange(att.shape[1]),
                     "x": xy[:, 0], "y": xy[:, 1], "attention": att[h],
                     "normalised": viz.normalise(att[h], self.normalisation)}))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -232,7 +249,10 @@ class AttentionLogger(L.Callback):
             task = bar.add_task("attention maps", total=len(slides))
             for s in slides:
                 try:
-                    done[s["slide_id"]] = self._render_slide(s, rows, manifest.source, store, out)
+                    paths = self._render_slide(s, rows, manifest.source, store, out)
+                    prev = done.setdefault(s["slide_id"], {k: [] for k in paths})
+                    for k, v in paths.items():
+                        prev[k].extend(v)
                 except (WSIError, OSError, KeyError, ValueError) as e:
                     failed.append((s["slide_id"], f"{type(e).__name__}: {e}"))
                 bar.advance(task)
@@ -249,7 +269,9 @@ class AttentionLogger(L.Callback):
         sid, att, xy = s["slide_id"], s["attention"], s["coords"]  # (H, n), (n, 2)
         row = rows.loc[sid]
         attrs = store.attrs(sid)
-        extent = attrs.get("extent_level0")
+        extent = s.get("extent") or attrs.get("extent_level0")
+        if s.get("extent") and attrs.get("mpp") and attrs.get("extent_level0"):  # a map at its own scale
+            attrs = {**attrs, "mpp": float(attrs["mpp"]) * s["extent"] / float(attrs["extent_level0"])}
         if not extent:
             raise ValueError(f"feature store has no extent_level0 for slide '{sid}'")
         mpp = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
@@ -260,12 +282,13 @@ class AttentionLogger(L.Callback):
             scale = reader.mpp / thumb_mpp  # thumbnail px per level-0 px
             tiles: dict[int, np.ndarray] = {}
             for h in range(att.shape[0]):
-                stem = sid if att.shape[0] == 1 else f"{sid}_map{h}"
+                stem = (f"{sid}_{s['map']}" if s.get("map") else sid if att.shape[0] == 1 else f"{sid}_map{h}")
                 norm = viz.normalise(att[h], self.normalisation)
                 vmin, vmax = viz.display_range(norm, self.normalisation)
                 overlay = viz.tile_heatmap(viz.to_unit(norm, vmin, vmax), xy, float(extent), thumb,
                                            scale, cmap=self.cmap, alpha=self.alpha)
-                title = f"{sid}" + ("" if att.shape[0] == 1 else f" map{h}") + f" ({len(xy)} tiles)"
+                name = f" {s['map']}" if s.get("map") else "" if att.shape[0] == 1 else f" map{h}"
+                title = f"{sid}{name} ({len(xy)} tiles)"
                 paths["heatmap"].append(viz.save_heatmap_figure(
                     out / f"{stem}_heatmap.png", thumb, overlay, title,
                     f"attention ({self.normalisation})", vmin, vmax, self.cmap, polygons, scale))

@@ -162,6 +162,7 @@ class BagDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def transfer_batch_to_device(self, batch: Bag, device: torch.device, dataloader_idx: int) -> Bag:
+        levels = None if batch.levels is None else [lv.to(device) for lv in batch.levels]
         return Bag(batch.features.to(device), batch.mask.to(device), batch.coords.to(device),
-                   {t: v.to(device) for t, v in batch.labels.items()}, batch.slide_ids)
+                   {t: v.to(device) for t, v in batch.labels.items()}, batch.slide_ids, levels)
 

@@ -8,6 +8,32 @@ import torch
 
 
 @dataclass
+class LevelSet:
+    """One quadtree level of B padded bags.
+
+    Attributes:
+        features: (B, N_l, D); zero at padding.
+        mask: (B, N_l) bool.
+        coords: (B, N_l, 2) int64 level-0 top-left; -1 at padding.
+        parent: (B, N_l) int64 index of each tile's parent in level l-1 of the same bag; -1 at
+            the coarsest level and at padding.
+        extent: side of this level's tiles in level-0 pixels.
+        mpp: µm/px the level was read at.
+    """
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    coords: torch.Tensor
+    parent: torch.Tensor
+    extent: int
+    mpp: float
+
+    def to(self, device: torch.device) -> LevelSet:
+        return LevelSet(self.features.to(device), self.mask.to(device), self.coords.to(device),
+                        self.parent.to(device), self.extent, self.mpp)
+
+
+@dataclass
 class Bag:
     """A batch of B padded bags.
 
@@ -18,6 +44,9 @@ class Bag:
         coords: (B, N, 2) int64 level-0 (x, y) of each instance; -1 for padding.
         labels: {target: (B,) int64 class index}; -1 where unknown.
         slide_ids: B slide identifiers.
+        levels: quadtree bags only (:mod:`wsi_lightning.data.quadtree`): one
+            :class:`LevelSet` per level, coarsest first; ``features`` etc. are then the finest
+            level's.
     """
 
     features: torch.Tensor
@@ -25,6 +54,7 @@ class Bag:
     coords: torch.Tensor
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     slide_ids: list[str] = field(default_factory=list)
+    levels: list[LevelSet] | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]

@@ -41,7 +41,8 @@ class TilePlan:
     mpp_override: float | None
     coords: np.ndarray  # (N, 2) int64
     attrs: dict[str, Any]
-    grid: Any = None  # ConcentricGrid for multi-scale tiling (tiling.multiscale.mode=concentric)
+    grid: Any = None  # ConcentricGrid / QuadtreeGrid for tiling.multiscale.mode concentric / quadtree
+    extra: dict[str, np.ndarray] | None = None  # per-row arrays for the store (quadtree level, parent)
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -53,33 +54,51 @@ def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def quadtree_mpps(tiling: dict) -> tuple[float, ...]:
+    """Quadtree level mpps, coarsest first: ``tiling.mpp`` is the finest, each level up doubles."""
+    levels = int((tiling.get("multiscale") or {}).get("levels", 3))
+    if levels < 1:
+        raise WSIError(f"tiling.multiscale.levels={levels}; expected an integer >= 1")
+    return tuple(float(tiling["mpp"]) * 2 ** (levels - 1 - lvl) for lvl in range(levels))
+
+
 def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
     """Segment tissue and tile one slide (cached in ``tiles_dir/<slide_id>.npz``).
 
-    Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue mask) for a person to check.
+    ``tiling.multiscale.mode`` chooses plain tiles, concentric windows (one row per location, S
+    scales) or a quadtree (one row per tile of every level, coarsest level first, with per-row
+    ``level`` and ``parent`` arrays). Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue
+    mask) for a person to check.
     """
     from wsi_lightning.slides import SlideReader, save_tissue_png, segment_tissue, tile_slide
-    from wsi_lightning.slides.multiscale import ConcentricGrid, concentric_grid
+    from wsi_lightning.slides.multiscale import concentric_grid, grid_from_arrays, quadtree_grid
 
     sid, path = str(row["slide_id"]), str(row["path"])
     mpp_override = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
     ms = tiling.get("multiscale") or {"mode": "none"}
-    context = tuple(float(c) for c in ms.get("context", ())) if ms["mode"] == "concentric" else ()
-    key = f"v2_{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}_{context}"  # v2: large holes kept
+    mode = ms.get("mode", "none")
+    context = tuple(float(c) for c in ms.get("context", ())) if mode == "concentric" else ()
+    qt = (quadtree_mpps(tiling), ms.get("min_child_tissue")) if mode == "quadtree" else ()
+    # v2: large holes kept
+    key = f"v2_{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}_{context}" + (f"_qt{qt}" if qt else "")
     cache = tiles_dir / f"{sid}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if str(z["key"]) == key:
             attrs = {k: z[k].item() for k in ("mpp", "tile_size", "tile_size_um", "level", "extent_level0", "slide_mpp")}
-            ms_grid = ConcentricGrid.from_arrays({k[3:]: z[k] for k in z.files if k.startswith("ms_")}) if context else None
-            return TilePlan(sid, path, mpp_override, z["coords"], _ms_attrs(attrs, ms_grid), ms_grid)
+            ms_grid = grid_from_arrays({k[3:]: z[k] for k in z.files if k.startswith("ms_")}) if mode != "none" else None
+            return _plan(sid, path, mpp_override, z["coords"], attrs, ms_grid)
     with SlideReader(path, mpp=mpp_override) as reader:
         tissue = segment_tissue(reader, thumb_mpp=float(tiling["thumb_mpp"]))
         save_tissue_png(tissue, tiles_dir / "qc" / f"{sid}.png")
-        grid = tile_slide(reader, int(tiling["tile_size"]), float(tiling["mpp"]),
-                          min_tissue=float(tiling["min_tissue"]), tissue=tissue)
-        ms_grid = (concentric_grid(reader, int(tiling["tile_size"]), float(tiling["mpp"]), context,
-                                   min_tissue=float(tiling["min_tissue"]), tissue=tissue) if context else None)
+        size, min_tissue = int(tiling["tile_size"]), float(tiling["min_tissue"])
+        grid = tile_slide(reader, size, float(tiling["mpp"]), min_tissue=min_tissue, tissue=tissue)
+        ms_grid = None
+        if context:
+            ms_grid = concentric_grid(reader, size, float(tiling["mpp"]), context, min_tissue=min_tissue, tissue=tissue)
+        elif qt:
+            mct = None if qt[1] is None else float(qt[1])
+            ms_grid = quadtree_grid(reader, size, qt[0], min_tissue=min_tissue, tissue=tissue, min_child_tissue=mct)
     if len(grid.coords) == 0:
         raise SlideError(
             f"slide {path}: no tile has >= {tiling['min_tissue']:.0%} tissue; check "
@@ -89,16 +108,29 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
              "level": grid.level, "extent_level0": grid.extent_level0, "slide_mpp": grid.slide_mpp}
     extra = {f"ms_{k}": v for k, v in ms_grid.to_arrays().items()} if ms_grid is not None else {}
     _atomic_npz(cache, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()}, **extra)
-    return TilePlan(sid, path, mpp_override, grid.coords, _ms_attrs(attrs, ms_grid), ms_grid)
+    return _plan(sid, path, mpp_override, grid.coords, attrs, ms_grid)
 
 
-def _ms_attrs(attrs: dict[str, Any], grid: Any) -> dict[str, Any]:
-    """Store attributes of a multi-scale slide: S scales concatenated per row."""
+def _plan(sid: str, path: str, mpp_override: float | None, coords: np.ndarray, attrs: dict[str, Any],
+          grid: Any) -> TilePlan:
+    """The plan of one slide; multi-scale grids set the rows and the store attributes."""
+    from wsi_lightning.slides.multiscale import QuadtreeGrid
+
     if grid is None:
-        return attrs
-    return {**attrs, "scales": int(grid.n_scales), "context": [float(c) for c in grid.context],
-            "scale_mpp": [float(m) for m in grid.scale_mpp], "window_um": [float(w) for w in grid.window_um],
-            "multiscale": "concentric"}
+        return TilePlan(sid, path, mpp_override, coords, attrs)
+    if isinstance(grid, QuadtreeGrid):
+        rows, level, parent = grid.rows()
+        # the tile attributes describe the finest level (the bag a single-level method sees)
+        attrs = {**attrs, "mpp": grid.mpp[-1], "tile_size": grid.tile_size,
+                 "tile_size_um": grid.window_um[-1], "extent_level0": grid.extent_level0[-1],
+                 "multiscale": "quadtree", "level_sizes": list(grid.level_sizes),
+                 "level_mpp": list(grid.mpp), "level_extent_level0": list(grid.extent_level0),
+                 "level_window_um": list(grid.window_um)}
+        return TilePlan(sid, path, mpp_override, rows, attrs, grid, {"level": level, "parent": parent})
+    attrs = {**attrs, "scales": int(grid.n_scales), "context": [float(c) for c in grid.context],
+             "scale_mpp": [float(m) for m in grid.scale_mpp], "window_um": [float(w) for w in grid.window_um],
+             "multiscale": "concentric"}
+    return TilePlan(sid, path, mpp_override, coords, attrs, grid)
 
 
 class ErrorReport:
@@ -181,7 +213,9 @@ class TileDataset(Dataset):
         x, y = (int(v) for v in p.coords[t])
         try:
             reader = _slide_cache().get(p.path, mpp=p.mpp_override)
-            if p.grid is not None:  # concentric windows: (S, T, T, 3)
+            if p.extra is not None:  # quadtree row: (T, T, 3) at its level's mpp
+                img = p.grid.read_row(reader, t)
+            elif p.grid is not None:  # concentric windows: (S, T, T, 3)
                 img = p.grid.read(reader, t)
             else:
                 img = reader.read_at_mpp((x, y), (size, size), float(p.attrs["mpp"]))  # (T, T, 3)
@@ -189,7 +223,8 @@ class TileDataset(Dataset):
             ok = True
         except Exception as e:  # noqa: BLE001 - recorded by the writer, named by slide
             log.error("slide %s: reading tile at (%d, %d) failed: %s", p.path, x, y, e)
-            shape = (3, size, size) if p.grid is None else (p.grid.n_scales, 3, size, size)
+            scales = getattr(p.grid, "n_scales", None)
+            shape = (3, size, size) if scales is None else (scales, 3, size, size)
             image, ok = torch.zeros(shape), False
         return {"image": image, "slide": s, "tile": t, "ok": ok}
 
@@ -289,7 +324,7 @@ class StoreWriter(BasePredictionWriter):
             self.report.add(p.slide_id, p.path, "extraction", err)
             return
         attrs = {**p.attrs, **self.extra}
-        self.store.write_slide(p.slide_id, feats, p.coords.astype(np.int64), attrs)
+        self.store.write_slide(p.slide_id, feats, p.coords.astype(np.int64), attrs, extra=p.extra)
         self.written.append(p.slide_id)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

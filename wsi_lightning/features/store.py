@@ -7,6 +7,8 @@ Layout::
         zarr.json            group metadata; attributes (see below), ``complete`` written last
         features/            (N, D) float16/float32, uncompressed, one chunk
         coords/              (N, 2) int64 level-0 (x, y) of each tile's top-left corner
+        <extra>/             optional per-row arrays (N, ...), e.g. ``level`` and ``parent`` of a
+                             quadtree (``write_slide(..., extra=...)``, ``read_extra``)
       .tmp-<slide_id>-<pid>-<hex>.zarr/    a write in progress (or an interrupted one)
 
 Group attributes. Callers (extraction, importers) provide:
@@ -61,7 +63,7 @@ CALLER_ATTRS = (
     "weights_hash",
     "extraction",
 )
-STORE_ATTRS = ("complete", "num_instances", "feature_dim", "format_version")
+STORE_ATTRS = ("complete", "num_instances", "feature_dim", "format_version", "extra_arrays")
 _ARRAYS = ("features", "coords")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
@@ -152,7 +154,12 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ writing
     def write_slide(
-        self, slide_id: str, features: np.ndarray, coords: np.ndarray, attrs: dict[str, Any]
+        self,
+        slide_id: str,
+        features: np.ndarray,
+        coords: np.ndarray,
+        attrs: dict[str, Any],
+        extra: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Write one slide atomically (temp dir, ``complete`` last, then rename into place).
 
@@ -163,18 +170,22 @@ class FeatureStore:
             features: (N, D) float16/float32 tile features (float64 is stored as float32).
             coords: (N, 2) integer level-0 (x, y) tile coordinates.
             attrs: Caller attributes (see module docstring); must be JSON-serialisable.
+            extra: optional per-row arrays {name: (N, ...) int/float/bool}, read back with
+                ``read_extra`` (their names are listed in the attribute ``extra_arrays``).
 
         Raises:
             StoreError: Bad slide id, shapes, dtypes, non-finite values or attributes.
         """
         _check_slide_id(slide_id, self.root)
         features, coords = _validate_arrays(slide_id, features, coords)
+        extra = _validate_extra(slide_id, extra or {}, len(features))
         group_attrs = _group_attrs(slide_id, attrs, features.shape)
+        group_attrs["extra_arrays"] = sorted(extra)
         self.root.mkdir(parents=True, exist_ok=True)
         token = f"{slide_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
         tmp = self.root / f"{_TMP_PREFIX}{token}"
         try:
-            _write_group(tmp, features, coords, group_attrs)
+            _write_group(tmp, {"features": features, "coords": coords, **extra}, group_attrs)
             self._move_into_place(tmp, self.path(slide_id), self.root / f"{_TRASH_PREFIX}{token}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -213,6 +224,23 @@ class FeatureStore:
     def read_coords(self, slide_id: str) -> np.ndarray:
         """Level-0 (x, y) coordinates of one slide, (N, 2) int64; see ``read``."""
         return self._read_array(slide_id, self._slide_meta(slide_id), "coords")
+
+    def read_extra(self, slide_id: str, name: str) -> np.ndarray:
+        """A per-row array written with ``write_slide(..., extra={name: ...})``: (N, ...).
+
+        Raises:
+            StoreError: the slide is missing, incomplete or has no such array.
+        """
+        attrs = self._require_complete(slide_id)
+        if name not in (attrs.get("extra_arrays") or []):
+            raise StoreError(
+                f"feature store {self.root}: slide '{slide_id}' has no array '{name}' (it has "
+                f"{attrs.get('extra_arrays') or 'none'}); it was extracted with other tiling "
+                "settings: re-extract it, or point data.store at the right store"
+            )
+        chunk = _fast_meta(self.path(slide_id) / name)
+        data = _read_chunk(chunk) if chunk is not None else None
+        return data if data is not None else self._read_zarr(slide_id, name)
 
     def attrs(self, slide_id: str) -> dict[str, Any]:
         """Group attributes of a complete slide (see module docstring for the keys)."""
@@ -367,6 +395,32 @@ def _validate_arrays(
     return np.ascontiguousarray(features), np.ascontiguousarray(coords, dtype=np.int64)
 
 
+def _validate_extra(
+    slide_id: str, extra: dict[str, np.ndarray], n: int
+) -> dict[str, np.ndarray]:
+    """Per-row arrays: names that are not the store's own, N rows, numeric, finite."""
+    out = {}
+    for name, value in extra.items():
+        arr = np.asarray(value)
+        if name in _ARRAYS or not str(name).isidentifier():
+            raise StoreError(
+                f"slide '{slide_id}': extra array name {name!r} must be an identifier other "
+                f"than {_ARRAYS}"
+            )
+        if arr.ndim < 1 or len(arr) != n:
+            raise StoreError(
+                f"slide '{slide_id}': extra array '{name}' must have {n} rows (one per "
+                f"instance), got shape {arr.shape}"
+            )
+        if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
+            raise StoreError(
+                f"slide '{slide_id}': extra array '{name}' must be finite numbers or booleans, "
+                f"got {arr.dtype}"
+            )
+        out[str(name)] = np.ascontiguousarray(arr)
+    return out
+
+
 def _group_attrs(slide_id: str, attrs: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {key: None for key in CALLER_ATTRS}
     out["extraction"] = {}
@@ -406,12 +460,12 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} value {value!r}")
 
 
-def _write_group(path: Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
+def _write_group(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     """Write the zarr group; the ``complete`` attribute goes in last."""
     import zarr
 
     group = zarr.open_group(path, mode="w", attributes=attrs)
-    for name, data in zip(_ARRAYS, (features, coords), strict=True):
+    for name, data in arrays.items():
         array = group.create_array(
             name,
             shape=data.shape,

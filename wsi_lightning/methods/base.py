@@ -69,6 +69,20 @@ def net_arguments(net_cls: type[nn.Module]) -> dict[str, Any]:
     }
 
 
+def module_arguments(module_cls: type) -> dict[str, Any]:
+    """Arguments a MILModule subclass adds beyond MILModule's own (e.g. HAG-MIL's
+    ``optimizers``): {name: default}."""
+    base = set(inspect.signature(MILModule.__init__).parameters)
+    out = {}
+    for klass in module_cls.__mro__:
+        if klass is MILModule or not issubclass(klass, MILModule):
+            break
+        for n, p in inspect.signature(klass.__init__).parameters.items():
+            if n not in base and n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                out.setdefault(n, p.default)
+    return out
+
+
 class MILModule(L.LightningModule):
     """Base LightningModule for bag classification.
 
@@ -222,10 +236,14 @@ class MILModule(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
+        return self.build_optimizer(list(self.parameters()))
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> Any:
+        """The ``optim:`` optimiser (and cosine schedule) over ``params``, in Lightning's form."""
         o = self.optim_cfg
         name = o.get("name", "adam")
         lr, wd = float(o.get("lr", 2e-4)), float(o.get("weight_decay", 0.0))
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [p for p in params if p.requires_grad]
         if name == "sgd":
             opt = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(o.get("momentum", 0.9)))
         else:

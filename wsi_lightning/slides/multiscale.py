@@ -347,6 +347,29 @@ class QuadtreeGrid:
             raise IndexError(f"level {level} has {len(starts) - 1} tiles; got index {p}")
         return order[starts[p] : starts[p + 1]]
 
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        """(N_0, ..., N_{L-1}) tiles per level."""
+        return tuple(len(c) for c in self.coords)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every level's tiles as one table, coarsest level first (the feature-store layout).
+
+        Returns:
+            coords: (sum N_l, 2) int64 level-0 top-left.
+            level: (sum N_l,) int64 level of each row.
+            parent: (sum N_l,) int64 index of the row's parent *within its level* l-1 (-1 at
+                level 0), so ``rows of level l-1`` [parent] is the parent.
+        """
+        level = np.concatenate([np.full(n, lvl, np.int64) for lvl, n in enumerate(self.level_sizes)])
+        return np.concatenate(self.coords), level, np.concatenate(self.parent)
+
+    def read_row(self, reader: SlideReader, row: int, pad_value: PadValue = 255) -> np.ndarray:
+        """Pixels of row `row` of :meth:`rows` (read at its own level's mpp)."""
+        offsets = np.cumsum(self.level_sizes)
+        level = int(np.searchsorted(offsets, row, side="right"))
+        return self.read(reader, level, row - (int(offsets[level - 1]) if level else 0), pad_value)
+
     def child_table(self, level: int) -> np.ndarray:
         """(N_l, 4) int64: column q is the level+1 index of quadrant q of each tile, -1 if dropped."""
         table = np.full((len(self.coords[level]), 4), -1, np.int64)
@@ -403,6 +426,16 @@ class QuadtreeGrid:
             )
         except ValueError as err:
             raise StoreError(f"inconsistent quadtree arrays ({err}); delete and rebuild") from err
+
+
+def grid_from_arrays(d: Mapping[str, np.ndarray]) -> ConcentricGrid | QuadtreeGrid:
+    """``ConcentricGrid`` or ``QuadtreeGrid`` from ``to_arrays`` output, by its ``kind``."""
+    kind = str(_get(d, "kind", "multi-scale grid"))
+    if kind == "concentric":
+        return ConcentricGrid.from_arrays(d)
+    if kind == "quadtree":
+        return QuadtreeGrid.from_arrays(d)
+    raise StoreError(f"unknown multi-scale grid kind {kind!r}; delete the cached grid and rebuild")
 
 
 def _check_level_mpps(level_mpps: Sequence[float]) -> tuple[float, ...]:
