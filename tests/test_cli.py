@@ -31,8 +31,8 @@ def test_config_errors_are_reported_not_raised(bag_data: Path, tmp_path: Path, c
     with caplog.at_level(logging.ERROR):
         assert main(["fit", "abmil", "trainer.max_epoch=1"]) == 2
         assert "did you mean 'trainer.max_epochs'" in caplog.text
-        assert main(["fit", "abmil", "method.name=transmil"]) == 2
-        assert "unknown method 'transmil'" in caplog.text
+        assert main(["fit", "abmil", "method.name=not_a_method"]) == 2
+        assert "unknown method 'not_a_method'" in caplog.text
         assert main(["test", str(tmp_path)]) == 2
         assert "not a run folder" in caplog.text
 
@@ -57,5 +57,5 @@ def test_config_errors_fail_before_any_data_work(tmp_path: Path, monkeypatch):
         raise AssertionError("data preparation started before the config was checked")
 
     monkeypatch.setattr(build, "build_datamodule", boom)
-    assert main(["fit", "abmil", "method.name=transmil", f"paths.runs={tmp_path}"]) == 2
+    assert main(["fit", "abmil", "method.name=not_a_method", f"paths.runs={tmp_path}"]) == 2
     assert main(["fit", "abmil", "callbacks=[{name: nope}]", f"paths.runs={tmp_path}"]) == 2
