@@ -44,7 +44,8 @@ def manifest_path(cfg: DictConfig) -> Path:
     from wsi_lightning.slides.synthetic import make_demo_dataset
 
     d = dict(to_dict(cfg.data.demo))
-    return make_demo_dataset(demo_dir(cfg), n_slides=int(d.pop("n_slides")), seed=int(d.pop("seed")), **d)
+    n = d.pop("n_slides")
+    return make_demo_dataset(demo_dir(cfg), n_slides=None if n is None else int(n), seed=int(d.pop("seed")), **d)
 
 
 def store_path(cfg: DictConfig) -> Path:
@@ -137,8 +138,15 @@ def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     import_registered()
     m = dict(to_dict(cfg.method))
     name = m.pop("name")
-    cls = METHODS.get(name)
-    valid = {**net_arguments(cls.Net), **module_arguments(cls)}
+    from wsi_lightning.methods.patch_baselines import BASELINES, PatchBaseline
+
+    if name in BASELINES:  # two-step scikit-learn baselines: not LightningModules (run.fit dispatches)
+        cls = PatchBaseline
+        valid = {k: v.default for k, v in inspect.signature(PatchBaseline.__init__).parameters.items()
+                 if k not in ("self", "classifier", "seed")}
+    else:
+        cls = METHODS.get(name)
+        valid = {**net_arguments(cls.Net), **module_arguments(cls)}
     unknown = sorted(set(m) - set(valid))
     if unknown:
         raise ConfigError(f"unknown config key(s) {['method.' + k for k in unknown]} for method "

@@ -71,6 +71,10 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     build.method_kwargs(cfg)  # config errors fail here, before any data is generated or extracted
+    from wsi_lightning.methods import patch_baselines
+
+    if str(cfg.method.name) in patch_baselines.BASELINES:  # two-step scikit-learn baselines
+        return patch_baselines.run_from_config(cfg, run_dir)
     build.build_callbacks(cfg, run_dir)
     if cfg.data.is_demo:
         log.info("no data.manifest configured: running on the built-in synthetic demo data "
