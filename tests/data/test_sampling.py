@@ -341,8 +341,8 @@ def test_datamodule_splits_and_batches(manifest_csv):
     assert sorted(sum(dm.splits.values(), [])) == [f"s{i}" for i in range(8)]
     assert dm.num_classes == {"label": 2}
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 2, 3, 16, 16) and batch["coords"].shape == (2, 2, 2)
-    assert batch["labels"]["label"].shape == (2,) and len(batch["slide_id"]) == 2
+    assert batch.features.shape == (2, 2, 3, 16, 16) and batch.coords.shape == (2, 2, 2)  # a Bag of images
+    assert batch.labels["label"].shape == (2,) and len(batch.slide_ids) == 2 and batch.mask.all()
     slide = make_dm(manifest_csv, mode="slide", image_size=[32, 64])
     batch = next(iter(slide.val_dataloader()))
     assert isinstance(batch, SlideBatch) and len(batch) == 2
@@ -375,7 +375,7 @@ def test_datamodule_workers_and_prefetch(manifest_csv):
     assert loader.persistent_workers and loader.prefetch_factor == 3
     serial = next(iter(make_dm(manifest_csv).val_dataloader()))
     batch = next(iter(loader))  # read in a worker with its own slide handles
-    assert torch.equal(batch["image"], serial["image"])
+    assert torch.equal(batch.features, serial.features)
     assert make_dm(manifest_csv).val_dataloader().prefetch_factor is None
 
 
@@ -414,3 +414,34 @@ def test_bad_arguments_fail_up_front(manifest_csv):
         SlideSamplingDataModule(m, mode="tiles", n_patches=0, min_tissue=2)
     with pytest.raises(ConfigError, match="resample"):
         RegionSampler(None, resample="lanczos")  # type: ignore[arg-type]
+
+
+def test_test_draws_are_rows_of_one_slide_fixed_across_epochs(manifest_csv):
+    dm = make_dm(manifest_csv, test_draws=3)
+    batch = next(iter(dm.test_dataloader()))
+    assert len(batch) == 3 and len(set(batch.slide_ids)) == 1  # one slide's 3 draws per batch
+    assert not torch.equal(batch.features[0], batch.features[1])  # different draws
+    again = next(iter(dm.test_dataloader()))
+    assert torch.equal(batch.features, again.features)  # the same every epoch
+    assert len(next(iter(dm.train_dataloader()))) == 2  # training: one draw per slide
+
+
+def test_end_to_end_fit_on_patches(manifest_csv, tmp_path):
+    """A CNN + bag method trained from slide patches; test predictions average the draws."""
+    import lightning as L
+    import pandas as pd
+
+    from wsi_lightning.methods.end_to_end import EndToEnd
+
+    dm = make_dm(manifest_csv, test_draws=2, patch_size=32)
+    model = EndToEnd(in_dim=3, num_classes=dm.num_classes, class_names=dm.class_names, backbone="demo_cnn",
+                     pretrained=False, mil="patch_transformer", mil_args={"heads": 2}, resize=None, crop=24,
+                     predictions_dir=str(tmp_path))
+    before = [p.detach().clone() for p in model.net.backbone.parameters()]
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.net.backbone.parameters(), strict=True))
+    trainer.test(model, datamodule=dm, verbose=False)
+    pred = pd.read_csv(tmp_path / "test_predictions.csv")
+    assert pred["slide_id"].is_unique and sorted(pred["slide_id"]) == sorted(dm.splits["test"])

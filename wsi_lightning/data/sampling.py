@@ -51,6 +51,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from wsi_lightning.data.bags import UnpaddedDistributedSampler
+from wsi_lightning.data.batch import Bag
 from wsi_lightning.data.manifest import Manifest, patient_split
 from wsi_lightning.errors import ConfigError, NoTissueError, SlideError
 from wsi_lightning.registry import DATAMODULES
@@ -486,12 +487,25 @@ class TissuePatchDataset(_SlideDataset):
     def __init__(self, slides: Sequence[SlideRef], labels: dict[str, dict[str, int]],
                  n_patches: int = 32, patch_size: int = 224, patch_mpp: float | None = 0.5,
                  min_tissue: float = 0.5, tissue: dict | None = None,
-                 tissue_cache: str | os.PathLike | None = None, **kwargs) -> None:
+                 tissue_cache: str | os.PathLike | None = None, draws: int = 1, **kwargs) -> None:
         super().__init__(slides, labels, **kwargs)
+        self.draws = 1 if self.train else int(draws)  # evaluation: R fixed draws per slide
         self.n_patches, self.patch_size, self.patch_mpp = n_patches, patch_size, patch_mpp
         self.min_tissue, self.tissue_kwargs = min_tissue, dict(tissue or {})
         self.tissue_cache = None if tissue_cache is None else Path(tissue_cache)
         self._tissue: dict[str, TissuePositions] = {}
+
+    def __getitem__(self, i: int) -> dict:
+        if self.draws == 1:
+            return super().__getitem__(i)
+        ref, reader = self.slides[i], self.reader(i)
+        labels = {t: lab[ref.slide_id] for t, lab in self.labels.items()}
+        try:  # draw r of slide i is the same at every epoch
+            items = [self._item(i, reader, np.random.default_rng([self.seed, i, 10_000 + r]))
+                     for r in range(self.draws)]
+        except SlideError as err:
+            raise type(err)(f"{ref.where}: {err}") from err
+        return {"repeats": [{**it, "slide_id": ref.slide_id, "labels": labels} for it in items]}
 
     def tissue(self, i: int) -> TissuePositions:
         """Slide `i`'s tissue mask: memory, else the cache folder, else segmented (and saved)."""
@@ -655,6 +669,19 @@ class SlideBatch:
                           {t: v.to(device) for t, v in self.labels.items()}, self.slide_ids)
 
 
+def collate_patches(items: list[dict]) -> Bag:
+    """Patches-mode items as a :class:`~wsi_lightning.data.batch.Bag` whose ``features`` are the
+    images (B, M, 3, T, T); an evaluation item with R draws becomes R rows sharing its slide id
+    (MILModule averages their predictions)."""
+    flat = [r for it in items for r in (it["repeats"] if "repeats" in it else [it])]
+    images = torch.stack([it["image"] for it in flat])  # (B, M, 3, T, T)
+    targets = flat[0]["labels"].keys()
+    return Bag(images, torch.ones(images.shape[:2], dtype=torch.bool),
+               torch.stack([it["coords"] for it in flat]),
+               {t: torch.tensor([int(it["labels"][t]) for it in flat]) for t in targets},
+               [it["slide_id"] for it in flat])
+
+
 def collate_slides(items: list[dict]) -> SlideBatch:
     """Stack :class:`SlideImageDataset` items into a :class:`SlideBatch`."""
     sizes = [int(k.split("_")[1]) for k in items[0] if k.startswith("image_")]
@@ -699,6 +726,8 @@ class SlideSamplingDataModule(L.LightningDataModule):
         backend, max_open: ``SlideCache`` settings of each process.
         resample: resize filter of :class:`RegionSampler`.
         seed: sampling / augmentation seed (and the DDP shuffle seed when ``split`` has none).
+        test_draws: patches mode: random draws of ``n_patches`` per slide at validation / test
+            (fixed across epochs); the method averages their predictions.
         prepare: called by ``prepare_data()`` first (e.g. writing the demo slides).
     """
 
@@ -708,7 +737,7 @@ class SlideSamplingDataModule(L.LightningDataModule):
                  min_tissue: float = 0.5, image_size: int | Sequence[int] = 224,
                  augment: bool = True, grey: GreyFilter | None = None, tissue: dict | None = None,
                  tissue_cache: str | Path | None = None, backend: str = "auto",
-                 max_open: int = 16, resample: str = "bilinear", seed: int = 0,
+                 max_open: int = 16, resample: str = "bilinear", seed: int = 0, test_draws: int = 1,
                  prepare: Callable[[], object] | None = None) -> None:
         super().__init__()
         _check_args(mode=mode, batch_size=batch_size, num_workers=num_workers,
@@ -725,7 +754,7 @@ class SlideSamplingDataModule(L.LightningDataModule):
         if mode == "patches":
             self._kwargs = dict(n_patches=n_patches, patch_size=patch_size, patch_mpp=patch_mpp,
                                 min_tissue=min_tissue, tissue=tissue,
-                                tissue_cache=self.tissue_cache, **common)
+                                tissue_cache=self.tissue_cache, draws=test_draws, **common)
         else:
             self._kwargs = dict(image_size=image_size, **common)
         self.allow_zero_length_dataloader_with_multiple_devices = True  # as BagDataModule
@@ -798,9 +827,11 @@ class SlideSamplingDataModule(L.LightningDataModule):
             sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=seed) if shuffle
                        else UnpaddedDistributedSampler(len(ds), rank, world))
         workers = self.num_workers > 0
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+        draws = getattr(ds, "draws", 1)
+        return DataLoader(ds, batch_size=self.batch_size if draws == 1 else 1,  # R draws of one slide a batch
+                          shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate_slides if self.mode == "slide" else None,
+                          collate_fn=collate_slides if self.mode == "slide" else collate_patches,
                           prefetch_factor=self.prefetch_factor if workers else None,
                           persistent_workers=workers, pin_memory=torch.cuda.is_available())
 
@@ -811,6 +842,9 @@ class SlideSamplingDataModule(L.LightningDataModule):
                                  dataloader_idx: int) -> SlideBatch | dict:
         if isinstance(batch, SlideBatch):
             return batch.to(device)
+        if isinstance(batch, Bag):
+            return Bag(batch.features.to(device), batch.mask.to(device), batch.coords.to(device),
+                       {t: v.to(device) for t, v in batch.labels.items()}, batch.slide_ids)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
