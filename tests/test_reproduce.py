@@ -23,7 +23,8 @@ def _spec(tmp_path: Path, bag_data: Path) -> Path:
         "compare_to": "ABMIL",
         "columns": {"auc": {"metric": "test/auroc", "label": "AUC"}, "acc": {"metric": "test/acc"}},
         "rows": [{"name": "ABMIL", "experiment": "abmil", "paper": {"auc": 0.9}},
-                 {"name": "Mean pool", "experiment": "mean_pool", "overrides": ["method.embed_dim=32"]}],
+                 {"name": "Mean pool", "experiment": "mean_pool", "overrides": ["method.embed_dim=32"],
+                  "dataset_overrides": {"tiny": ["method.embed_dim=16"]}}],
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -40,6 +41,8 @@ def test_table_end_to_end_and_resume(bag_data: Path, tmp_path: Path):
     assert len(csv) == 4 and (csv["n_seeds"] == 2).all()
     runs = sorted((tmp_path / "runs" / "reproduce" / "tiny" / "tiny").glob("*/seed*/metrics.json"))
     assert len(runs) == 4
+    resolved = (runs[0].parent.parent.parent / "Mean_pool" / "seed0" / "config.resolved.yaml").read_text()
+    assert "embed_dim: 16" in resolved  # the row's overrides for this dataset come after its own
     auc = csv[(csv.row == "ABMIL") & (csv.column == "auc")].iloc[0]
     vals = [float(v) for v in auc["values"].split()]
     assert auc["mean"] == pytest.approx(sum(vals) / 2)
@@ -60,6 +63,11 @@ def test_spec_errors(bag_data: Path, tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=r"unknown column\(s\) \['f1'\]"):
+        reproduce.load_spec(str(bad))
+    spec["rows"][0]["paper"] = {}
+    spec["rows"][0]["dataset_overrides"] = {"camelyon16": ["seed=1"]}
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"dataset_overrides for unlisted dataset\(s\) \['camelyon16'\]"):
         reproduce.load_spec(str(bad))
     with pytest.raises(ConfigError, match="dataset 'camelyon16' not listed"):
         reproduce.run_table(str(_spec(tmp_path, bag_data)), dataset="camelyon16", runs=tmp_path / "r")

@@ -64,10 +64,14 @@ def load_spec(name: str) -> dict:
         for k in ("name", "experiment"):
             if k not in row:
                 raise ConfigError(f"table {path}: rows[{i}] needs '{k}'")
-        extra = set(row) - {"name", "experiment", "overrides", "paper", "paper_p"}
+        extra = set(row) - {"name", "experiment", "overrides", "dataset_overrides", "paper", "paper_p"}
         if extra:
             raise ConfigError(f"table {path}: rows[{i}] has unknown key(s) {sorted(extra)}; valid: "
-                              "name, experiment, overrides, paper, paper_p")
+                              "name, experiment, overrides, dataset_overrides, paper, paper_p")
+        unknown = set(row.get("dataset_overrides") or {}) - set(spec["datasets"])
+        if unknown:
+            raise ConfigError(f"table {path}: rows[{i}] ({row['name']}) has dataset_overrides for "
+                              f"unlisted dataset(s) {sorted(unknown)}; datasets: {sorted(spec['datasets'])}")
         bad = set(row.get("paper", {}) or {}) - set(spec["columns"])
         if bad:
             raise ConfigError(f"table {path}: rows[{i}] ({row['name']}) has paper numbers for unknown "
@@ -116,7 +120,8 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
             if done is None:
                 log.info("table %s: %s, seed %d -> %s", spec["name"], row["name"], seed, run_dir)
                 shutil.rmtree(run_dir, ignore_errors=True)  # a partial run is redone
-                over = [*row.get("overrides", []), *data_over, f"seed={seed}"]
+                row_data = list((row.get("dataset_overrides") or {}).get(dataset) or [])
+                over = [*row.get("overrides", []), *row_data, *data_over, f"seed={seed}"]
                 if dataset in (spec.get("split_per_seed") or []):  # one train/val split per seed
                     over.append(f"data.split.seed={seed}")
                 cfg = config.load(row["experiment"], over, demo=(dataset == "demo"))
