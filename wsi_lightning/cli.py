@@ -1,7 +1,7 @@
 """``wsi`` command line. Heavy modules (torch, lightning, openslide) are imported lazily inside
 each command so that ``wsi --help`` answers at once.
 
-    wsi demo-data [--out DIR] [--n-slides N] [--seed S]
+    wsi demo-data [--out DIR] [--n-slides N] [--seed S] [--task lesion|multiscale|multitag]
     wsi info SLIDE [--mpp MPP]
     wsi tile MANIFEST [--out DIR] [key=value ...] [--skip-errors]
     wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors]
@@ -63,7 +63,8 @@ def _cfg_for_manifest(args: argparse.Namespace):
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from wsi_lightning.slides.synthetic import make_demo_dataset
 
-    path = make_demo_dataset(Path(args.out), n_slides=args.n_slides, seed=args.seed, workers=args.workers)
+    out = args.out or ("data/demo" if args.task == "lesion" else f"data/demo-{args.task}")
+    path = make_demo_dataset(Path(out), n_slides=args.n_slides, seed=args.seed, workers=args.workers, task=args.task)
     log.info("demo manifest: %s", path)
     return 0
 
@@ -189,8 +190,10 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo-data", help="generate the synthetic demo slides + manifest")
-    s.add_argument("--out", default="data/demo")
-    s.add_argument("--n-slides", type=int, default=80)
+    s.add_argument("--out", default=None, help="default: data/demo (task lesion), else data/demo-<task>")
+    s.add_argument("--n-slides", type=int, default=None, help="default: the task's (80; multitag 120)")
+    s.add_argument("--task", default="lesion", help="lesion (tumour vs normal) | multiscale (needs two "
+                   "magnifications) | multitag (stain, species and organ tags)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_demo_data)

@@ -6,7 +6,8 @@ Layout of ``out_dir``::
     annotations/<slide_id>.geojson  FeatureCollection of lesion polygons ('Tumor'), level-0
                                     pixels; task 'multiscale' adds its decoys under their own
                                     classes ('Decoy-architecture', 'Decoy-cells')
-    manifest.csv                    slide_id, case_id, path, label, mpp (paths relative)
+    manifest.csv                    slide_id, case_id, path, label, mpp (paths relative);
+                                    task 'multitag' adds stain, species, organ (label = organ)
     .spec                           hash of the spec, written first (a resume must match it)
     .complete                       the same hash, written last: the set is complete
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_lightning.errors import ConfigError, WSIError
+from wsi_lightning.slides import multitag
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,10 @@ DEFAULTS = {
     "quality": 90,
     "pair_fraction": 0.15,  # fraction of slides that share their case with another slide
     "max_lesions": 4,
-    "task": "lesion",  # "lesion" | "multiscale" (synthetic.TASKS)
+    "task": "lesion",  # "lesion" | "multiscale" | "multitag" (synthetic.TASKS)
 }
+N_SLIDES = 80  # default number of slides (task "multitag": multitag.DEMO_DEFAULTS)
+TASK_DEFAULTS = {"multitag": {"size_um": multitag.DEMO_DEFAULTS["size_um"]}}
 LABELS = ("normal", "tumor")
 CLASS_COLOURS = {
     "Tumor": [200, 0, 0],
@@ -137,15 +141,18 @@ def make_slide(job: dict) -> dict:
         return {**job, "skipped": True, "seconds": 0.0}
     start = time.perf_counter()
     rng = np.random.default_rng([job["seed"], 1, job["index"]])
-    spec = sample_spec(
-        rng,
-        job["label"],
-        job["slide_id"],
-        opts["size_um"],
-        job["mpp"],
-        opts["max_lesions"],
-        opts["task"],
-    )
+    if opts["task"] == "multitag":
+        spec = multitag.sample_spec(rng, job, opts["size_um"], job["mpp"])
+    else:
+        spec = sample_spec(
+            rng,
+            job["label"],
+            job["slide_id"],
+            opts["size_um"],
+            job["mpp"],
+            opts["max_lesions"],
+            opts["task"],
+        )
     image, polygons = render(spec)
     write_pyramid_tiff(tiff, image, job["mpp"], opts["n_levels"], opts["tile"], opts["quality"])
     _write_text(geo, json.dumps(_geojson(polygons, decoy_outlines(spec))))
@@ -171,20 +178,27 @@ def _check_resume(out_dir: Path, digest: str) -> bool:
 
 
 def make_demo_dataset(
-    out_dir: str | os.PathLike, n_slides: int = 80, seed: int = 0, workers: int = 2, **spec
+    out_dir: str | os.PathLike,
+    n_slides: int | None = None,
+    seed: int = 0,
+    workers: int = 2,
+    **spec,
 ) -> Path:
     """Generate (or finish generating) the synthetic demo dataset.
 
     Args:
         out_dir: output folder (created).
-        n_slides: number of slides, half of them tumour.
+        n_slides: number of slides, half of them tumour; None: 80 (task ``"multitag"``: 120).
         seed: everything (labels, cases, pixels) is a function of the seed.
         workers: processes rendering slides in parallel (1 = in this process).
         **spec: overrides of ``DEFAULTS`` (size_um, mpp, frac_40x, n_levels, tile, quality,
             pair_fraction, max_lesions, task). ``task="multiscale"``: a tumour slide's lesion
             shows an abnormal architecture (seen with ~200 µm of context) AND atypical nuclei
             (seen at 0.5 µm/px) at the same place; every slide also has decoy regions with one
-            of the two (see ``synthetic.sample_multiscale_regions``).
+            of the two (see ``synthetic.sample_multiscale_regions``). ``task="multitag"``: every
+            slide has a stain, a species and an organ tag (manifest columns; ``label`` = organ),
+            correlated and imbalanced as in the Patch Transformer paper; slides default to
+            1024 µm (see ``multitag.py``).
 
     Returns:
         Path of ``manifest.csv``.
@@ -192,10 +206,13 @@ def make_demo_dataset(
     unknown = sorted(set(spec) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"demo data options {unknown} are unknown; valid: {sorted(DEFAULTS)}")
+    task = spec.get("task", DEFAULTS["task"])
+    _check_task(task)
+    if n_slides is None:
+        n_slides = multitag.DEMO_DEFAULTS["n_slides"] if task == "multitag" else N_SLIDES
     if n_slides < 2:
         raise ConfigError(f"demo data n_slides must be >= 2 (one per label), got {n_slides}")
-    options = {**DEFAULTS, **spec}
-    _check_task(options["task"])
+    options = {**DEFAULTS, **TASK_DEFAULTS.get(task, {}), **spec}
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.csv"
     digest = spec_hash(n_slides, seed, options)
@@ -205,7 +222,7 @@ def make_demo_dataset(
         log.info("demo data in %s is complete (spec %s)", out_dir, digest)
         return manifest
     _write_text(out_dir / ".spec", digest)
-    plan = plan_slides(n_slides, seed, options)
+    plan = (multitag.plan_slides if task == "multitag" else plan_slides)(n_slides, seed, options)
     jobs = [{**row, "out_dir": str(out_dir), "seed": seed, "options": options} for row in plan]
     start = time.perf_counter()
     if workers <= 1:
@@ -217,7 +234,7 @@ def make_demo_dataset(
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
             _log_progress(pool.imap_unordered(make_slide, jobs), len(jobs), start)
-    _write_manifest(manifest, plan)
+    _write_manifest(manifest, plan, multitag.TAGS if task == "multitag" else ())
     _write_text(out_dir / ".complete", digest)
     log.info("demo data: %d slides in %s (%.1f s)", n_slides, out_dir, time.perf_counter() - start)
     return manifest
@@ -247,11 +264,11 @@ def _log_progress(results, total: int, start: float) -> None:
         )
 
 
-def _write_manifest(path: Path, plan: list[dict]) -> None:
+def _write_manifest(path: Path, plan: list[dict], tags: tuple[str, ...] = ()) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["slide_id", "case_id", "path", "label", "mpp"])
+        writer.writerow(["slide_id", "case_id", "path", "label", "mpp", *tags])
         for row in plan:
             writer.writerow(
                 [
@@ -260,6 +277,7 @@ def _write_manifest(path: Path, plan: list[dict]) -> None:
                     f"slides/{row['slide_id']}.tiff",
                     row["label"],
                     f"{row['mpp']:g}",
+                    *(row[t] for t in tags),
                 ]
             )
     os.replace(tmp, path)

@@ -33,8 +33,12 @@ needs two cues at the same place, each visible at one magnification only (CS-MIL
     - Nuclei are denser (3000-4500 /mm²) and tissue covers 20% more glass than in the lesion
       task; the nuisance variation is the same.
 
-Later additions (stain palettes and organ-like patterns for multi-tag tasks) are new spec fields
-+ painters, in ``PAINTERS`` (no-ops for existing specs) or in a new task's painter sequence.
+Task ``"multitag"`` (``multitag.py``: specs drawn by ``multitag.sample_spec``, painters
+``multitag.PAINTERS``): stain, species and organ tags, shown by the slide's palette, its nuclei
+and its tissue architecture.
+
+Later additions are new spec fields + painters, in ``PAINTERS`` (no-ops for existing specs) or in
+a new task's painter sequence.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from wsi_lightning.slides import paint
+from wsi_lightning.slides import multitag, paint
 from wsi_lightning.slides.demo import make_demo_dataset
 from wsi_lightning.slides.pyramid import write_pyramid_tiff
 
@@ -203,7 +207,8 @@ class SlideSpec:
     """Everything needed to render one slide.
 
     Task ``"lesion"`` uses ``lesions`` + ``tumour_nuclei``; task ``"multiscale"`` uses
-    ``lesions`` (both cues), ``arch_decoys``, ``cell_decoys``, ``architecture`` and ``atypia``.
+    ``lesions`` (both cues), ``arch_decoys``, ``cell_decoys``, ``architecture`` and ``atypia``;
+    task ``"multitag"`` uses ``tags`` (``label`` is the organ).
     """
 
     slide_id: str
@@ -218,11 +223,12 @@ class SlideSpec:
     nuclei: NucleiSpec
     tumour_nuclei: NucleiSpec
     lesions: tuple[Lesion, ...] = ()
-    task: str = "lesion"  # "lesion" | "multiscale"
+    task: str = "lesion"  # "lesion" | "multiscale" | "multitag"
     arch_decoys: tuple[Lesion, ...] = ()  # multiscale: abnormal architecture, normal nuclei
     cell_decoys: tuple[Lesion, ...] = ()  # multiscale: atypical nuclei, normal architecture
     architecture: ArchitectureSpec | None = None
     atypia: AtypiaSpec | None = None
+    tags: multitag.TagSpec | None = None  # multitag: stain, species, organ
 
     @property
     def size_px(self) -> tuple[int, int]:
@@ -244,7 +250,11 @@ MULTISCALE_PAINTERS = (
     paint.paint_granular_cytoplasm,
     paint.paint_cue_nuclei,
 )
-TASK_PAINTERS = {"lesion": PAINTERS, "multiscale": MULTISCALE_PAINTERS}
+TASK_PAINTERS = {
+    "lesion": PAINTERS,
+    "multiscale": MULTISCALE_PAINTERS,
+    "multitag": multitag.PAINTERS,
+}
 TASKS = tuple(TASK_PAINTERS)
 DECOY_CLASSES = {"arch_decoys": "Decoy-architecture", "cell_decoys": "Decoy-cells"}
 
@@ -307,8 +317,10 @@ def sample_spec(
     """
     if label not in ("normal", "tumor"):
         raise ValueError(f"label must be 'normal' or 'tumor', got {label!r}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if task not in TASKS or task == "multitag":
+        raise ValueError(
+            f"task must be 'lesion' or 'multiscale', got {task!r} (multitag: multitag.sample_spec)"
+        )
     u = rng.uniform
     palette = Palette(
         hematoxylin=_jitter(rng, Palette.hematoxylin, 0.12),
