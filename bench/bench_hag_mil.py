@@ -10,7 +10,8 @@ hide another's); its peak resident memory above the process's baseline (features
 memory) is sampled every 2 ms from /proc.
 
 What it shows: below the coarsest level, memory and time do not depend on the slide's size,
-only on ``t_patch``; the coarsest level grows linearly with the number of parents.
+only on ``t_patch``; the coarsest level grows linearly with the number of parents (a level whose
+estimated memory does not fit this machine is skipped and its estimate reported).
 
 Run: ``python bench/bench_hag_mil.py [--quick]`` or ``make bench ARGS="--only hag_mil"``.
 """
@@ -84,13 +85,33 @@ def _run_level(n_tokens: int, n_candidates: int, t_patch: int, dims: list[int]) 
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def cascade(parents: int, t_patch: int, dims: list[int], levels: int = 3) -> list[dict]:
-    """One training step of the cascade, level by level (coarsest first)."""
+def _available_mib() -> float:
+    with open("/proc/meminfo") as fh:
+        info = dict(line.split(":", 1) for line in fh)
+    return int(info["MemAvailable"].split()[0]) / 1024
+
+
+def cascade(parents: int, t_patch: int, dims: list[int], levels: int = 3,
+            mib_per_token: float | None = None) -> list[dict]:
+    """One training step of the cascade, level by level (coarsest first).
+
+    A level whose estimated peak (``mib_per_token`` x tokens, from an earlier measurement) would
+    not fit in 80% of the available memory is skipped and reported with its estimate.
+    """
     out, candidates, tokens = [], parents, parents
     for lvl in range(levels):
+        need = None if mib_per_token is None else mib_per_token * tokens
+        if need is not None and need > 0.8 * _available_mib():
+            log.info("  level %d: %d tokens need ~%.0f MiB (> 80%% of the %.0f MiB available): skipped",
+                     lvl, tokens, need, _available_mib())
+            out.append({"level": lvl, "tokens": tokens, "candidates": candidates, "skipped": True,
+                        "estimated_peak_mib": round(need)})
+            candidates, tokens = 4 * candidates, 4 * min(t_patch, tokens)
+            continue
         r = _run_level(tokens, candidates, t_patch, dims)
         r["level"] = lvl
         out.append(r)
+        mib_per_token = max(mib_per_token or 0.0, r["peak_mib"] / tokens)
         log.info("  level %d: %d of %d candidates, %.1f s, peak +%.0f MiB", lvl, tokens, candidates,
                  r["seconds"], r["peak_mib"])
         candidates = 4 * candidates
@@ -105,18 +126,21 @@ def run(out_dir: Path, quick: bool = False) -> dict:
     """
     parents, t_patch = (1000, 700) if quick else (10_000, 7000)
     dims = [256, 384, 128, 256] if quick else [1024, 1536, 512, 1024]
-    results = {}
+    results: dict[int, list[dict]] = {}
+    per_token = None
     for p in (parents, 4 * parents):
         log.info("HAG-MIL cascade, %d parents (%d / %d candidates below), t_patch %d", p, 4 * p, 16 * p, t_patch)
-        results[p] = cascade(p, t_patch, dims)
+        results[p] = cascade(p, t_patch, dims, mib_per_token=per_token)
+        per_token = max(x["peak_mib"] / x["tokens"] for x in results[p] if "peak_mib" in x)
     small, big = results[parents], results[4 * parents]
-    finer = lambda r: max(x["peak_mib"] for x in r[1:])  # noqa: E731
+    finer = lambda r: max(x.get("peak_mib", 0.0) for x in r[1:])  # noqa: E731
     return {
         "name": "hag_mil_cascade",
         "levels": {str(k): v for k, v in results.items()},
         # > ~0.8 means the finer levels' memory did not grow with 4x more parents
         "ratios": {"finer_levels_peak_1x_over_4x": round(finer(small) / max(finer(big), 1e-9), 3),
-                   "coarsest_peak_4x_over_1x": round(big[0]["peak_mib"] / max(small[0]["peak_mib"], 1e-9), 3)},
+                   **({"coarsest_peak_4x_over_1x": round(big[0]["peak_mib"] / max(small[0]["peak_mib"], 1e-9), 3)}
+                      if "peak_mib" in big[0] else {})},
         "targets": {"finer_levels_peak_1x_over_4x": 0.8},
         "config": {"parents": parents, "t_patch": t_patch, "dims": dims, "feature_dim": DIM},
     }
