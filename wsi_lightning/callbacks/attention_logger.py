@@ -206,7 +206,8 @@ class AttentionLogger(L.Callback):
         out = Path(trainer.default_root_dir) / self.out_dir
         out.mkdir(parents=True, exist_ok=True)
         self.write_csv(slides, out / CSV_NAME)
-        todo = slides if self.max_slides is None else slides[: self.max_slides]
+        keep = list(dict.fromkeys(s["slide_id"] for s in slides))[: self.max_slides]  # slides, not maps
+        todo = slides if self.max_slides is None else [s for s in slides if s["slide_id"] in set(keep)]
         images = self._render_all(trainer, todo, out) if todo else {}
         log.info("attention_logger: %d slides in %s; images for %d in %s", len(slides),
                  out / CSV_NAME, len(images), out)
