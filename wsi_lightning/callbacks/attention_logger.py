@@ -209,7 +209,7 @@ class AttentionLogger(L.Callback):
         keep = list(dict.fromkeys(s["slide_id"] for s in slides))[: self.max_slides]  # slides, not maps
         todo = slides if self.max_slides is None else [s for s in slides if s["slide_id"] in set(keep)]
         images = self._render_all(trainer, todo, out) if todo else {}
-        log.info("attention_logger: %d slides in %s; images for %d in %s", len(slides),
+        log.info("attention_logger: %d slides in %s; images for %d in %s", len({s["slide_id"] for s in slides}),
                  out / CSV_NAME, len(images), out)
         if images and self.log_images:
             self._log_wandb(trainer, images)
