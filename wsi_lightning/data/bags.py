@@ -128,8 +128,7 @@ class BagDataModule(L.LightningDataModule):
         if not self.splits["train"]:
             raise StoreError(f"feature store {self.store.root}: no training slide has features; "
                              "run `wsi extract <manifest>` first")
-        labels = {t: dict(zip(self.manifest.df["slide_id"], self.manifest.label_index(t).tolist(), strict=True))
-                  for t in self.manifest.targets}
+        labels = self.manifest.labels_by_slide()
         for name, ids in self.splits.items():
             mbs = self.max_bag_size if name == "train" else None
             self.datasets[name] = BagDataset(self.store, ids, labels, max_bag_size=mbs)

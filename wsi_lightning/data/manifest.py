@@ -41,6 +41,11 @@ class Manifest:
         lookup = {c: i for i, c in enumerate(self.classes[target])}
         return self.df[target].map(lookup).to_numpy(dtype=np.int64)
 
+    def labels_by_slide(self) -> dict[str, dict[str, int]]:
+        """{target: {slide_id: class index}} (the label dicts of the bag and slide datasets)."""
+        ids = self.df["slide_id"]
+        return {t: dict(zip(ids, self.label_index(t).tolist(), strict=True)) for t in self.targets}
+
     @property
     def num_classes(self) -> dict[str, int]:
         return {t: len(c) for t, c in self.classes.items()}

@@ -776,8 +776,7 @@ class SlideSamplingDataModule(L.LightningDataModule):
 
     def _dataset(self, ids: Sequence[str], train: bool) -> _SlideDataset:
         refs = slide_refs(self.manifest)
-        labels = {t: dict(zip(self.manifest.df["slide_id"], self.manifest.label_index(t).tolist(),
-                              strict=True)) for t in self.manifest.targets}
+        labels = self.manifest.labels_by_slide()
         cls = TissuePatchDataset if self.mode == "patches" else SlideImageDataset
         return cls([refs[i] for i in ids], labels, train=train, **self._kwargs)
 

@@ -123,6 +123,20 @@ class MILModule(L.LightningModule):
         )
         self.last_output: MILOutput | None = None
         self._records: list[dict] = []
+        self._pretrained_done = False
+
+    # ----------------------------------------------------------------- pretrained weights
+    def setup(self, stage: str) -> None:
+        """Nets with a ``load_pretrained()`` (end-to-end CNNs) get their ImageNet / local weights
+        when fitting starts, never at construction, so building a model or loading a checkpoint
+        never downloads anything."""
+        load = getattr(self.net, "load_pretrained", None)
+        if stage == "fit" and load is not None and not self._pretrained_done:  # before a checkpoint is restored
+            load()
+            self._pretrained_done = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pretrained_done = True  # trained weights: never overwrite them with ImageNet ones
 
     # ----------------------------------------------------------------- forward and loss
     def forward(self, bag: Bag) -> MILOutput:

@@ -114,15 +114,3 @@ class EndToEnd(MILModule):
     input_kind = "patches"
     contract_kwargs = {"backbone": "demo_cnn", "pretrained": False, "resize": None, "crop": 24,
                        "mil": "abmil"}
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pretrained_done = False
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and not self._pretrained_done:  # before a checkpoint is restored
-            self.net.load_pretrained()
-            self._pretrained_done = True
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pretrained_done = True  # trained weights: never overwrite them with ImageNet ones

@@ -262,7 +262,6 @@ class MagNet(MILModule):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.extra_losses: dict[str, LossFn] = {}
-        self._pretrained_done = False
 
     def register_loss(self, name: str, fn: LossFn) -> None:
         """Add ``fn(out, batch)`` (an already weighted scalar) to every step's loss as ``name``."""
@@ -270,14 +269,6 @@ class MagNet(MILModule):
 
     def remove_loss(self, name: str) -> None:
         self.extra_losses.pop(name, None)
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and not self._pretrained_done:  # before a checkpoint is restored
-            self.net.load_pretrained()
-            self._pretrained_done = True
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pretrained_done = True  # trained weights: never overwrite them with ImageNet ones
 
     def task_loss(self, out: MILOutput, batch: SlideBatch) -> dict[str, torch.Tensor]:
         return {**super().task_loss(out, batch), **{k: fn(out, batch) for k, fn in self.extra_losses.items()}}
