@@ -85,3 +85,13 @@ def test_save_resolved(tmp_path: Path):
     path = config.save_resolved(cfg, tmp_path)
     again = OmegaConf.load(path)
     assert again.method.name == "abmil" and "${" not in path.read_text()
+
+
+def test_demo_folders_differ_by_task_size_and_seed(tmp_path):
+    from wsi_lightning.build import demo_dir, demo_folder
+
+    assert demo_folder("data") == Path("data/demo")  # the default set keeps its old folder
+    assert demo_folder("data", "multiscale") == Path("data/demo-multiscale")
+    assert demo_folder("d", "multiscale", 200, 3) == Path("d/demo-multiscale-n200-seed3")
+    cfg = config.load("cs_mil", ["data.demo.n_slides=200", f"data.root={tmp_path}"])
+    assert demo_dir(cfg) == tmp_path / "demo-multiscale-n200"

@@ -48,11 +48,21 @@ def test_table_end_to_end_and_resume(bag_data: Path, tmp_path: Path):
     assert auc["mean"] == pytest.approx(sum(vals) / 2)
     assert (tmp_path / "results" / "tiny.tiny_roc.png").exists()
     assert "## Tests against ABMIL" in text
+    # a row without paper p-values shows '-', only the reference row says 'Ref.'
+    assert [ln.rsplit("|", 2)[1].strip() for ln in text.splitlines() if ln.startswith("| Mean pool |")] == ["- / -"]
+    assert [ln.rsplit("|", 2)[1].strip() for ln in text.splitlines() if ln.startswith("| ABMIL |")] == ["Ref. / Ref."]
     tests = pd.read_csv(tmp_path / "results" / "tiny.tiny_tests.csv", index_col=0)
     assert pd.isna(tests.loc["ABMIL", "p_delong"]) and 0 <= tests.loc["Mean pool", "p_delong"] <= 1
     stamps = [p.stat().st_mtime_ns for p in runs]
     reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "runs", results=tmp_path / "results")
     assert [p.stat().st_mtime_ns for p in runs] == stamps, "complete runs must be skipped"
+    # a changed spec redoes the runs it changes, and only those
+    changed = yaml.safe_load(spec.read_text())
+    changed["rows"][1]["dataset_overrides"]["tiny"] = ["method.embed_dim=8"]
+    spec.write_text(yaml.safe_dump(changed))
+    reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "runs", results=tmp_path / "results")
+    redone = [p.stat().st_mtime_ns != s for p, s in zip(runs, stamps, strict=True)]
+    assert redone == ["Mean_pool" in str(p) for p in runs]
 
 
 def test_spec_errors(bag_data: Path, tmp_path: Path):
@@ -77,3 +87,8 @@ def test_repository_tables_load():
     for name in reproduce.list_tables():
         spec = reproduce.load_spec(name)
         assert "demo" in spec["datasets"]
+
+
+def test_cell_numbers():
+    assert reproduce._num(2803584.0) == "2,803,584"  # pixel counts read as counts
+    assert reproduce._num(0.8924) == "0.892" and reproduce._num(1000.5) == "1000.500"

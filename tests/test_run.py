@@ -46,6 +46,13 @@ def test_wandb_offline_run_is_written(bag_data: Path, tmp_path: Path):
     res = run.fit(config.load("mean_pool", over))
     runs = list((res.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    # the next fit in this process (a table, a local sweep) gets its own W&B run
+    import wandb
+
+    assert wandb.run is None
+    res2 = run.fit(config.load("mean_pool", over))
+    runs2 = list((res2.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs2) == 1 and runs2[0].name.split("-")[-1] != runs[0].name.split("-")[-1]
 
 
 @pytest.mark.slow

@@ -32,9 +32,19 @@ def import_registered() -> None:
 
 
 # ----------------------------------------------------------------------------- data
+def demo_folder(root: str | Path, task: str = "lesion", n_slides: int | None = None, seed: int = 0) -> Path:
+    """``<root>/demo[-<task>][-n<slides>][-seed<seed>]``: each demo set its own folder."""
+    name = "demo" if task == "lesion" else f"demo-{task}"
+    if n_slides is not None:
+        name += f"-n{int(n_slides)}"
+    if int(seed or 0) != 0:
+        name += f"-seed{int(seed)}"
+    return Path(root) / name
+
+
 def demo_dir(cfg: DictConfig) -> Path:
-    task = cfg.data.demo.get("task", "lesion")
-    return Path(cfg.data.root) / ("demo" if task == "lesion" else f"demo-{task}")
+    demo = cfg.data.demo
+    return demo_folder(cfg.data.root, demo.get("task", "lesion"), demo.get("n_slides"), demo.get("seed") or 0)
 
 
 def manifest_path(cfg: DictConfig) -> Path:
@@ -92,7 +102,8 @@ def build_datamodule(cfg: DictConfig) -> Any:
     prepare = partial(extract_features, manifest, FeatureStore(store), to_dict(cfg.tiling),
                       feats, bool(cfg.features.skip_errors))
     common = dict(split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
-                  max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers), prepare=prepare)
+                  max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers), prepare=prepare,
+                  standardize=bool(cfg.data.standardize))
     if cfg.tiling.multiscale.mode == "none":
         return BagDataModule(manifest, store, **common)
     if cfg.tiling.multiscale.mode == "quadtree":

@@ -61,9 +61,10 @@ def _cfg_for_manifest(args: argparse.Namespace):
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
+    from wsi_lightning.build import demo_folder
     from wsi_lightning.slides.synthetic import make_demo_dataset
 
-    out = args.out or ("data/demo" if args.task == "lesion" else f"data/demo-{args.task}")
+    out = args.out or demo_folder("data", args.task, args.n_slides, args.seed)
     path = make_demo_dataset(Path(out), n_slides=args.n_slides, seed=args.seed, workers=args.workers, task=args.task)
     log.info("demo manifest: %s", path)
     return 0
@@ -190,7 +191,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo-data", help="generate the synthetic demo slides + manifest")
-    s.add_argument("--out", default=None, help="default: data/demo (task lesion), else data/demo-<task>")
+    s.add_argument("--out", default=None, help="default: data/demo[-<task>][-n<slides>][-seed<seed>] "
+                   "(the folder `wsi fit` uses for the same data.demo settings)")
     s.add_argument("--n-slides", type=int, default=None, help="default: the task's (80; multitag 120)")
     s.add_argument("--task", default="lesion", help="lesion (tumour vs normal) | multiscale (needs two "
                    "magnifications) | multitag (stain, species and organ tags)")

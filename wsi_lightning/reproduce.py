@@ -6,8 +6,9 @@ columns (metric keys) and the paper's published numbers, plus the datasets it ca
 datasets listed in ``split_per_seed`` also vary ``data.split.seed`` with the seed (the
 k-split protocols, e.g. CS-MIL's 10 train/val splits around a fixed test set).
 Every (row, seed) is a normal run in a fixed folder ``<runs>/reproduce/<paper>/<dataset>/
-<row>/seed<k>``; a folder whose ``metrics.json`` has every column is skipped, so an interrupted
-``make reproduce`` resumes. Results: ``results/<paper>.md`` / ``.csv`` (``<paper>.<dataset>.*``
+<row>/seed<k>``; a folder whose ``metrics.json`` has every column and whose
+``config.resolved.yaml`` matches the row's config is skipped, so an interrupted ``make
+reproduce`` resumes and a changed row is redone. Results: ``results/<paper>.md`` / ``.csv`` (``<paper>.<dataset>.*``
 for datasets other than demo) and ROC curves per row (``<paper>_roc.png``).
 """
 
@@ -19,10 +20,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from wsi_lightning import config
 from wsi_lightning.errors import ConfigError
@@ -85,12 +88,30 @@ def _row_dir(spec: dict, dataset: str, row: dict, seed: int, runs: Path) -> Path
     return runs / "reproduce" / spec["name"] / dataset / slug / f"seed{seed}"
 
 
-def _complete(run_dir: Path, metrics: list[str]) -> dict | None:
+def _complete(run_dir: Path, metrics: list[str], cfg: DictConfig) -> dict | None:
+    """The run's metrics if it finished with every column under the same config, else None
+    (a run made before a change of the spec, the experiment YAML or the demo data is redone)."""
     p = run_dir / "metrics.json"
     if not p.exists():
         return None
     m = json.loads(p.read_text())["metrics"]
-    return m if all(k in m for k in metrics) else None
+    if not all(k in m for k in metrics):
+        return None
+    saved = run_dir / "config.resolved.yaml"
+    changed = _changed_keys(yaml.safe_load(saved.read_text()) if saved.exists() else {},
+                            OmegaConf.to_container(cfg, resolve=True))
+    if changed:
+        log.warning("%s was run with another config (%s); running it again", run_dir, ", ".join(changed[:8]))
+        return None
+    return m
+
+
+def _changed_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs; keys the saved config lacks (added to _base.yaml since)
+    are not changes."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [k for key in saved for k in _changed_keys(saved[key], now.get(key, "<removed>"), f"{prefix}{key}.")]
+    return [] if saved == now else [prefix.rstrip(".")]
 
 
 def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, runs: Path | None = None,
@@ -116,15 +137,15 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
     for row in spec["rows"]:
         for seed in seeds:
             run_dir = _row_dir(spec, dataset, row, seed, runs)
-            done = _complete(run_dir, metrics)
+            row_data = list((row.get("dataset_overrides") or {}).get(dataset) or [])
+            over = [*row.get("overrides", []), *row_data, *data_over, f"seed={seed}"]
+            if dataset in (spec.get("split_per_seed") or []):  # one train/val split per seed
+                over.append(f"data.split.seed={seed}")
+            cfg = config.load(row["experiment"], over, demo=(dataset == "demo"))
+            done = _complete(run_dir, metrics, cfg)
             if done is None:
                 log.info("table %s: %s, seed %d -> %s", spec["name"], row["name"], seed, run_dir)
-                shutil.rmtree(run_dir, ignore_errors=True)  # a partial run is redone
-                row_data = list((row.get("dataset_overrides") or {}).get(dataset) or [])
-                over = [*row.get("overrides", []), *row_data, *data_over, f"seed={seed}"]
-                if dataset in (spec.get("split_per_seed") or []):  # one train/val split per seed
-                    over.append(f"data.split.seed={seed}")
-                cfg = config.load(row["experiment"], over, demo=(dataset == "demo"))
+                shutil.rmtree(run_dir, ignore_errors=True)  # a partial or outdated run is redone
                 done = run.fit(cfg, run_dir=run_dir).metrics
             else:
                 log.info("table %s: %s, seed %d already complete (%s)", spec["name"], row["name"], seed, run_dir)
@@ -168,8 +189,8 @@ def write_results(spec: dict, dataset: str, collected: dict[str, list[dict]], re
         parts = []
         for c in cols:
             m, s, p = sub.loc[c, "mean"], sub.loc[c, "std"], sub.loc[c, "paper"]
-            ours = "n/a" if not np.isfinite(m) else f"{m:.3f} +- {s:.3f}"
-            parts.append(f"{ours} / {'-' if p is None or pd.isna(p) else f'{float(p):.3f}'}")
+            ours = "n/a" if not np.isfinite(m) else f"{_num(m)} +- {_num(s)}"
+            parts.append(f"{ours} / {'-' if p is None or pd.isna(p) else _num(float(p))}")
         lines.append(f"| {row['name']} (`{row['experiment']}`) | " + " | ".join(parts) + " |")
     if spec.get("notes"):
         lines += ["", str(spec["notes"]).strip()]
@@ -202,6 +223,11 @@ def _ensemble_predictions(recs: list[dict]) -> pd.DataFrame | None:
     return pd.concat(frames).groupby("slide_id").agg(y=("y", "first"), p=("p", "mean")).sort_index()
 
 
+def _num(v: float) -> str:
+    """Metrics with 3 decimals; counts (whole numbers >= 1000, e.g. pixels) as 2,803,584."""
+    return f"{v:,.0f}" if abs(v) >= 1000 and float(v).is_integer() else f"{v:.3f}"
+
+
 def _comparison(spec: dict, collected: dict[str, list[dict]], path: Path) -> list[str]:
     """DeLong and paired-bootstrap tests of every row against ``compare_to`` (seed-averaged
     predictions on the same test slides), beside the paper's p-values (``paper_p``)."""
@@ -226,8 +252,9 @@ def _comparison(spec: dict, collected: dict[str, list[dict]], path: Path) -> lis
            "| Row | AUC | AP | p DeLong (AUC) | p bootstrap (AUC) | p bootstrap (AP) | paper p (AUC / AP) |",
            "|---|---|---|---|---|---|---|"]
     fmt = lambda v: "Ref." if pd.isna(v) else f"{v:.3f}"  # noqa: E731
+    pfmt = lambda v: "-" if v is None or pd.isna(v) else f"{v:.3f}"  # noqa: E731
     for name, r in table.iterrows():
-        pp = f"{fmt(r['paper_p_auc']) if r['paper_p_auc'] is not None else '-'} / {fmt(r['paper_p_ap']) if r['paper_p_ap'] is not None else '-'}"
+        pp = "Ref. / Ref." if name == ref else f"{pfmt(r['paper_p_auc'])} / {pfmt(r['paper_p_ap'])}"
         out.append(f"| {name} | {r['AUC']:.3f} | {r['AP']:.3f} | {fmt(r['p_delong'])} | {fmt(r['p_boot_auc'])} | "
                    f"{fmt(r['p_boot_ap'])} | {pp} |")
     return out
@@ -242,9 +269,13 @@ def _plot_roc(spec: dict, collected: dict[str, list[dict]], path: Path) -> Path 
     from sklearn.metrics import roc_auc_score, roc_curve
 
     rows = [r for r in spec["rows"] if collected.get(r["name"])]
-    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 4), squeeze=False)
+    ncol = min(len(rows), 5)
+    nrow = -(-len(rows) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 4 * nrow), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
     drawn = False
-    for ax, row in zip(axes[0], rows, strict=True):
+    for ax, row in zip(axes.flat, rows, strict=False):
         for rec in collected[row["name"]]:
             p = Path(rec["run_dir"]) / "test_predictions.csv"
             if not p.exists():

@@ -89,6 +89,7 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
     threads = torch.get_num_threads()
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
+    trainer = None
     try:
         trainer = build.build_trainer(cfg, run_dir)
         trainer.callbacks.extend(extra_callbacks or [])
@@ -97,6 +98,8 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, verbose=False)
     finally:
+        if trainer is not None:
+            _finish_wandb(trainer)
         torch.set_num_threads(threads)
         if previous is None:
             os.environ.pop(RUN_DIR_ENV, None)
@@ -106,6 +109,16 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
     if trainer.is_global_zero:
         _write_metrics(result, cfg)
     return result
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close the run's W&B run, so that the next fit in this process (``wsi reproduce``, local
+    sweeps) starts its own instead of logging into this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
 
 
 def _write_metrics(result: RunResult, cfg: DictConfig) -> None:

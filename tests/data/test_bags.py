@@ -50,3 +50,22 @@ def test_missing_store_is_a_clear_error(bag_data: Path, tmp_path: Path):
     dm = BagDataModule(m, tmp_path / "empty_store")
     with pytest.raises(StoreError, match="wsi extract"):
         dm.setup()
+
+
+def test_standardize_uses_training_slides_only(bag_data: Path):
+    import numpy as np
+
+    dm = dm_for(bag_data, batch_size=1, standardize=True)
+    store = FeatureStore(bag_data.parent / "store")
+    train = np.concatenate([np.asarray(store.read_features(s), np.float64) for s in dm.splits["train"]])
+    np.testing.assert_allclose(dm.scaler.mean, train.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dm.scaler.std, train.std(0), rtol=1e-4, atol=1e-5)
+    # the training instances come out zero-mean, unit-variance; a test bag uses the same map
+    got = torch.cat([b.features[0] for b in dm.train_dataloader()]).double()
+    torch.testing.assert_close(got.mean(0), torch.zeros(got.shape[1], dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.std(0, unbiased=False), torch.ones(got.shape[1], dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    bag = next(iter(dm.test_dataloader()))
+    raw = np.asarray(store.read_features(bag.slide_ids[0]), np.float32)
+    torch.testing.assert_close(bag.features[0], torch.from_numpy((raw - dm.scaler.mean) / dm.scaler.std))
+    assert dm_for(bag_data).scaler is None  # off by default: features as stored

@@ -125,7 +125,7 @@ class MultiScaleBagDataset(BagDataset):
 
     def __getitem__(self, i: int) -> dict:
         sid = self.slide_ids[i]
-        feats, coords = self.store.read(sid)  # (N, S*D), (N, 2)
+        feats, coords = self.read(sid)  # (N, S*D), (N, 2)
         x = torch.from_numpy(feats).float().view(len(feats), self._scales(sid), -1)  # (N, S, D)
         labels = None
         if self.sampling is not None:
@@ -180,7 +180,7 @@ class MultiScaleBagDataModule(BagDataModule):
         for name, ds in list(self.datasets.items()):
             repeats = self.test_bags if (name != "train" and self.sampling is not None) else 1
             self.datasets[name] = MultiScaleBagDataset(
-                ds.store, ds.slide_ids, ds.labels, max_bag_size=ds.max_bag_size, mode=self.mode,
+                ds.store, ds.slide_ids, ds.labels, max_bag_size=ds.max_bag_size, scaler=ds.scaler, mode=self.mode,
                 scale=self.scale, sampling=self.sampling, repeats=repeats, seed=self.seed)
 
     collate = staticmethod(collate_multiscale)

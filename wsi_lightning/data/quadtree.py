@@ -25,14 +25,17 @@ from wsi_lightning.errors import ConfigError, StoreError
 from wsi_lightning.registry import DATAMODULES
 
 
-def split_levels(store, sid: str) -> list[dict]:
-    """One slide's rows as levels: [{features (N_l, D), coords (N_l, 2), parent (N_l,)}, ...]."""
+def split_levels(store, sid: str, scaler=None) -> list[dict]:
+    """One slide's rows as levels: [{features (N_l, D), coords (N_l, 2), parent (N_l,)}, ...]
+    (features standardised by ``scaler``, a :class:`~wsi_lightning.data.bags.FeatureScaler`, if given)."""
     attrs = store.attrs(sid)
     if attrs.get("multiscale") != "quadtree":
         raise StoreError(f"feature store {store.root}: slide '{sid}' is not a quadtree (its "
                          "multiscale attribute is {!r}); extract it with "
                          "tiling.multiscale.mode=quadtree".format(attrs.get("multiscale")))
     feats, coords = store.read(sid)  # (sum N_l, D), (sum N_l, 2)
+    if scaler is not None:
+        feats = scaler(feats)
     level, parent = store.read_extra(sid, "level"), store.read_extra(sid, "parent")
     sizes = [int(n) for n in attrs["level_sizes"]]
     if np.bincount(level, minlength=len(sizes)).tolist() != sizes:
@@ -56,7 +59,7 @@ class QuadtreeBagDataset(BagDataset):
 
     def __getitem__(self, i: int) -> dict:
         sid = self.slide_ids[i]
-        levels = split_levels(self.store, sid)
+        levels = split_levels(self.store, sid, self.scaler)
         meta = {"slide_id": sid, "labels": {t: lab[sid] for t, lab in self.labels.items()}}
         if self.level is not None:
             try:
@@ -117,6 +120,7 @@ class QuadtreeBagDataModule(BagDataModule):
         super().setup(stage)
         for name, ds in list(self.datasets.items()):
             self.datasets[name] = QuadtreeBagDataset(ds.store, ds.slide_ids, ds.labels,
-                                                     max_bag_size=ds.max_bag_size, level=self.level)
+                                                     max_bag_size=ds.max_bag_size, scaler=ds.scaler,
+                                                     level=self.level)
 
     collate = staticmethod(collate_quadtree)

@@ -31,6 +31,9 @@ from wsi_lightning.slides import multitag
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump when a change alters the pixels of a given spec
+# per task, bumped when a change alters that task's pixels (older folders then fail to resume,
+# with a message saying to delete them); multiscale 2: every region of a tumour slide is a lesion
+TASK_VERSIONS = {"multiscale": 2}
 DEFAULTS = {
     "size_um": 1536.0,  # 3072 px at 0.5 µm/px
     "mpp": 0.5,
@@ -58,8 +61,9 @@ def spec_hash(n_slides: int, seed: int, options: dict) -> str:
     The default task is left out of the hash, so folders made before tasks existed still match.
     """
     options = {k: v for k, v in options.items() if not (k == "task" and v == DEFAULTS["task"])}
+    task_v = {"task_v": TASK_VERSIONS[options["task"]]} if options.get("task") in TASK_VERSIONS else {}
     blob = json.dumps(
-        {"v": GENERATOR_VERSION, "n": n_slides, "seed": seed, **options}, sort_keys=True
+        {"v": GENERATOR_VERSION, "n": n_slides, "seed": seed, **options, **task_v}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

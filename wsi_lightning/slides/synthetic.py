@@ -26,10 +26,12 @@ needs two cues at the same place, each visible at one magnification only (CS-MIL
       nucleolus) with the size, density and integrated stain of normal ones, in granular
       cytoplasm whose eosin alternates on 0.5 µm cells with an unchanged mean over every 1 µm.
       At 1-2 µm/px the region's colour and texture match normal tissue.
-    - Every slide has 2 regions per cue (140-220 µm radius); on a tumour slide one region has
-      both (the lesion, annotated 'Tumor'), the others are single-cue decoys (annotated
-      'Decoy-architecture' / 'Decoy-cells'). Cue counts do not depend on the label, so a model
-      that sees one magnification is at chance; ``bench/check_multiscale_demo.py`` measures it.
+    - Every slide has 2 regions per cue (140-220 µm radius). On a tumour slide both cues share
+      the same 2 regions (the lesions, annotated 'Tumor'); on a normal slide they lie in 4
+      separate single-cue decoys (annotated 'Decoy-architecture' / 'Decoy-cells'). Cue counts
+      do not depend on the label, so a model that sees one magnification is at chance;
+      ``bench/check_multiscale_demo.py`` measures it. (Until task version 2 a tumour slide had
+      one lesion and two decoys: too little signal for MIL on 56 training slides.)
     - Nuclei are denser (3000-4500 /mm²) and tissue covers 20% more glass than in the lesion
       task; the nuisance variation is the same.
 
@@ -374,10 +376,11 @@ def sample_multiscale_regions(
     regions.
 
     Every slide has `per_cue` regions with the architecture cue and `per_cue` with the atypia
-    cue, whatever its label. On a tumour slide one region has both (the lesion), the others one
-    each (decoys); on a normal slide all are decoys. So a model that sees one cue (one
-    magnification) finds the same number of cue regions in both classes and cannot tell them
-    apart; only the co-location of both cues, which needs both magnifications, can. All regions
+    cue, whatever its label. On a tumour slide they coincide: `per_cue` regions have both (the
+    lesions); on a normal slide all 2 x `per_cue` regions are single-cue decoys. So a model that
+    sees one cue (one magnification) finds the same number of cue regions in both classes and
+    cannot tell them apart; only the co-location of both cues, which needs both magnifications,
+    can. All regions
     have the same size distribution (``_region_radius``, placed in random order) and keep 40 µm
     apart.
     """
@@ -390,7 +393,7 @@ def sample_multiscale_regions(
         architecture=MULTISCALE_ARCHITECTURE,
         atypia=MULTISCALE_ATYPIA,
     )
-    n_both = 1 if spec.label == "tumor" else 0
+    n_both = per_cue if spec.label == "tumor" else 0
     kinds = np.repeat([0, 1, 2], [n_both, per_cue - n_both, per_cue - n_both])  # both/arch/cells
     kinds = kinds[rng.permutation(len(kinds))]
     regions = _place_lesions(
