@@ -106,12 +106,21 @@ def _complete(run_dir: Path, metrics: list[str], cfg: DictConfig) -> dict | None
     return m
 
 
+# how a run executes, not what it computes: changing these does not redo finished runs
+EXECUTION_KEYS = ("trainer.num_threads", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                  "data.num_workers", "features.num_workers", "features.batch_size", "features.devices",
+                  "features.accelerator", "logger", "paths")
+
+
 def _changed_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose value differs; keys the saved config lacks (added to _base.yaml since)
-    are not changes."""
+    """Dotted keys whose value differs, except ``EXECUTION_KEYS``; keys the saved config lacks
+    (added to _base.yaml since) are not changes."""
+    key = prefix.rstrip(".")
+    if key in EXECUTION_KEYS:
+        return []
     if isinstance(saved, dict) and isinstance(now, dict):
-        return [k for key in saved for k in _changed_keys(saved[key], now.get(key, "<removed>"), f"{prefix}{key}.")]
-    return [] if saved == now else [prefix.rstrip(".")]
+        return [k for name in saved for k in _changed_keys(saved[name], now.get(name, "<removed>"), f"{prefix}{name}.")]
+    return [] if saved == now else [key]
 
 
 def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, runs: Path | None = None,
