@@ -316,17 +316,9 @@ class AttentionLogger(L.Callback):
 
     def _polygons(self, sid: str, row: pd.Series, manifest_path: Path) -> list[np.ndarray]:
         """Lesion outlines (level-0 exteriors) of the slide's annotation; [] when none."""
-        from wsi_lightning.errors import WSIError
-        from wsi_lightning.slides.annotations import find_annotation, load_lesions
+        from wsi_lightning.slides.annotations import lesion_outlines
 
-        path = find_annotation(row, Path(manifest_path))
-        if path is None or not path.exists():
-            return []
-        try:
-            return [les.exterior for les in load_lesions(path)]
-        except WSIError as e:
-            log.warning("attention_logger: %s; no outlines for '%s'", e, sid)
-            return []
+        return lesion_outlines(row, manifest_path, "attention_logger")
 
     # ----------------------------------------------------------------- W&B
     def _log_wandb(self, trainer: L.Trainer, images: dict[str, dict[str, list[Path]]]) -> None:

@@ -204,17 +204,9 @@ class ROITree(L.Callback):
 
     def _polygons(self, sid: str, trainer: L.Trainer | None) -> list[np.ndarray]:
         """Lesion outlines of the slide from the datamodule's manifest; [] when none."""
-        from wsi_lightning.slides.annotations import find_annotation, load_lesions
+        from wsi_lightning.slides.annotations import lesion_outlines
 
         manifest = getattr(getattr(trainer, "datamodule", None), "manifest", None)
         if manifest is None or sid not in set(manifest.df["slide_id"]):
             return []
-        row = manifest.df.set_index("slide_id").loc[sid]
-        path = find_annotation(row, Path(manifest.source))
-        if path is None or not path.exists():
-            return []
-        try:
-            return [les.exterior for les in load_lesions(path)]
-        except WSIError as e:
-            log.warning("roi_tree: %s; no outlines for '%s'", e, sid)
-            return []
+        return lesion_outlines(manifest.df.set_index("slide_id").loc[sid], manifest.source, "roi_tree")

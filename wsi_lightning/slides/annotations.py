@@ -9,6 +9,7 @@ column, else ``<manifest folder>/annotations/<slide_id>.geojson`` (the demo data
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pandas as pd
 from matplotlib.path import Path as MplPath
 
 from wsi_lightning.errors import WSIError
+
+log = logging.getLogger(__name__)
 
 TILE_RULES = ("centre", "overlap")
 
@@ -81,6 +84,20 @@ def find_annotation(row: pd.Series, manifest_source: Path) -> Path | None:
     sid = row["slide_id"] if "slide_id" in row else row.name  # a row of a slide_id-indexed frame
     cand = manifest_source.parent / "annotations" / f"{sid}.geojson"
     return cand if cand.exists() else None
+
+
+def lesion_outlines(row: pd.Series, manifest_source: Path, who: str = "annotations") -> list[np.ndarray]:
+    """Level-0 exteriors of a manifest row's lesions, for drawing; [] when the slide has no
+    annotation, or (with a warning naming ``who`` and the slide) when its file is unreadable."""
+    path = find_annotation(row, Path(manifest_source))
+    if path is None or not path.exists():
+        return []
+    try:
+        return [les.exterior for les in load_lesions(path)]
+    except WSIError as e:
+        sid = row["slide_id"] if "slide_id" in row else row.name
+        log.warning("%s: %s; no outlines for '%s'", who, e, sid)
+        return []
 
 
 def tile_labels(

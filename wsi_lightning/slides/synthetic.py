@@ -31,7 +31,7 @@ needs two cues at the same place, each visible at one magnification only (CS-MIL
       separate single-cue decoys (annotated 'Decoy-architecture' / 'Decoy-cells'). Cue counts
       do not depend on the label, so a model that sees one magnification is at chance;
       ``bench/check_multiscale_demo.py`` measures it. (Until task version 2 a tumour slide had
-      one lesion and two decoys: too little signal for MIL on 56 training slides.)
+      one lesion and two decoys: too little signal for MIL on 44 training slides.)
     - Nuclei are denser (3000-4500 /mm²) and tissue covers 20% more glass than in the lesion
       task; the nuisance variation is the same.
 
