@@ -31,7 +31,9 @@ Deviations from paper (and from its code):
     - The finest level's attention is returned over all of its tiles (0 for tiles the cascade
       did not select), and every level's attention over its scored tiles is in
       ``extras["maps"]`` (level-0 coordinates), so the attention logger draws a heat-map per
-      level.
+      level; each map's ``index`` ((B, n) int64, -1 at padding) gives the scored tiles' rows in
+      ``bag.levels[l]``, from which the ``mechanism`` callback measures the cascade's recall of
+      lesion tiles.
 """
 
 from __future__ import annotations
@@ -191,7 +193,8 @@ class HAGMILNet(nn.Module):
                 for k, v in res["terms"].items():
                     aux[f"level{lvl}_{k}"] = v
         maps = [{"name": f"level{lvl}", "attention": r["attention"].detach(), "mask": r["mask"],
-                 "coords": r["coords"], "extent": bag.levels[lvl].extent} for lvl, r in enumerate(results)]
+                 "coords": r["coords"], "extent": bag.levels[lvl].extent, "index": r["index"]}
+                for lvl, r in enumerate(results)]  # index: (B, n) scored tiles' rows in the level, -1 pad
         return MILOutput(last["logits"], full, aux, {"maps": maps})
 
 

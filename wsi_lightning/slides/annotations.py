@@ -1,15 +1,29 @@
 """Lesion annotations (GeoJSON, QuPath convention) and tile ground truth derived from them.
 
 An annotation file is a GeoJSON FeatureCollection of Polygon / MultiPolygon features in level-0
-pixel coordinates; features classified "Exclusion" (or whose polygons are holes) are removed
-from the lesion area. A slide's annotation is found through the manifest's ``annotation``
-column, else ``<manifest folder>/annotations/<slide_id>.geojson`` (the demo data's layout).
+pixel coordinates. Which features are lesions is decided by their classification name
+(``properties.classification.name``, or a plain string there), case-insensitively:
+
+* unclassified features and every other name (``Tumor``, ``tumour``, ``metastasis``...) are
+  lesions; Camelyon16's converted annotations (:mod:`wsi_lightning.data.camelyon16`) write
+  ``Tumor``;
+* ``Exclusion`` regions are subtracted: each becomes a hole of the lesions that contain it
+  (polygon holes are not lesion either);
+* names in :data:`NON_LESION_CLASSES` or starting with one of :data:`NON_LESION_PREFIXES` are not
+  lesions: the demo's decoys (``Decoy-architecture``, ``Decoy-cells``), zoom-task
+  ``Candidate`` regions and QuPath's default non-tumour classes (``Stroma``, ``Necrosis``,
+  ``Other``, ``Immune cells``, ``Ignore*``, ``Region*``). :func:`load_regions` returns the
+  polygons of any named classes, e.g. the candidates.
+
+A slide's annotation is found through the manifest's ``annotation`` column, else
+``<manifest folder>/annotations/<slide_id>.geojson`` (the demo data's layout).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +36,10 @@ from wsi_lightning.errors import WSIError
 log = logging.getLogger(__name__)
 
 TILE_RULES = ("centre", "overlap")
+EXCLUSION_CLASS = "exclusion"
+# classification names (lower case) that are not lesions; every other name, or none, is a lesion
+NON_LESION_CLASSES = frozenset({"candidate", "stroma", "necrosis", "other", "immune cells"})
+NON_LESION_PREFIXES = ("decoy", "ignore", "region")
 
 
 @dataclass
@@ -39,8 +57,30 @@ class Lesion:
         return inside
 
 
-def load_lesions(path: str | Path) -> list[Lesion]:
-    """Read the lesion polygons of a GeoJSON file (exclusion features are subtracted)."""
+def is_lesion_class(name: str | None) -> bool:
+    """Whether features classified ``name`` are lesions (see the module docstring); None or ""
+    (unclassified) is a lesion, ``Exclusion`` is not (it is subtracted from the lesions)."""
+    n = (name or "").strip().lower()
+    if not n:
+        return True
+    return n != EXCLUSION_CLASS and n not in NON_LESION_CLASSES and not n.startswith(NON_LESION_PREFIXES)
+
+
+def _class_name(feature: dict) -> str:
+    """A feature's classification name, lower case ("" when unclassified)."""
+    cls = (feature.get("properties") or {}).get("classification")
+    if isinstance(cls, dict):
+        cls = cls.get("name")
+    return str(cls or "").strip().lower()
+
+
+def read_polygons(path: str | Path) -> list[tuple[str, list[np.ndarray]]]:
+    """Every polygon of a GeoJSON file as (lower-case class name, rings): rings[0] the exterior,
+    the rest its holes, each (K, 2) level-0 (x, y). Non-polygon geometries are skipped.
+
+    Raises:
+        WSIError: the file cannot be read or is not JSON (the message names it).
+    """
     path = Path(path)
     try:
         gj = json.loads(path.read_text())
@@ -49,10 +89,9 @@ def load_lesions(path: str | Path) -> list[Lesion]:
             f"annotation {path}: cannot read GeoJSON ({e}); fix or remove the file"
         ) from e
     feats = gj.get("features", []) if gj.get("type") == "FeatureCollection" else [gj]
-    lesions, exclusions = [], []
+    out = []
     for f in feats:
         geom = f.get("geometry") or {}
-        cls = (((f.get("properties") or {}).get("classification") or {}).get("name") or "").lower()
         polys = (
             [geom["coordinates"]]
             if geom.get("type") == "Polygon"
@@ -60,19 +99,49 @@ def load_lesions(path: str | Path) -> list[Lesion]:
             if geom.get("type") == "MultiPolygon"
             else []
         )
+        name = _class_name(f)
         for rings in polys:
             arrs = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings if len(r) >= 3]
-            if not arrs:
-                continue
-            if cls == "exclusion":
-                exclusions.append(arrs[0])
-            else:
-                lesions.append(Lesion(arrs[0], arrs[1:]))
+            if arrs:
+                out.append((name, arrs))
+    return out
+
+
+def load_lesions(path: str | Path) -> list[Lesion]:
+    """Read the lesion polygons of a GeoJSON file: features whose class is a lesion class
+    (:func:`is_lesion_class`), with ``Exclusion`` regions subtracted as holes."""
+    lesions, exclusions = [], []
+    for name, arrs in read_polygons(path):
+        if name == EXCLUSION_CLASS:
+            exclusions.append(arrs[0])
+        elif is_lesion_class(name):
+            lesions.append(Lesion(arrs[0], arrs[1:]))
     for ex in exclusions:  # exclusion regions become holes of the lesions that contain them
         for les in lesions:
             if MplPath(les.exterior).contains_points(ex[:1]).all():
                 les.holes.append(ex)
     return lesions
+
+
+def load_regions(path: str | Path, classes: str | Iterable[str]) -> list[Lesion]:
+    """The polygons of the given classes (names matched case-insensitively, e.g. ``"Candidate"``
+    or ``["Decoy-architecture", "Decoy-cells"]``), each with its own holes; exclusions are not
+    subtracted. ``""`` selects unclassified features."""
+    wanted = {classes.strip().lower()} if isinstance(classes, str) else {c.strip().lower() for c in classes}
+    return [Lesion(arrs[0], arrs[1:]) for name, arrs in read_polygons(path) if name in wanted]
+
+
+def in_lesions(pts: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
+    """(P, 2) level-0 points -> (P,) bool inside any lesion. Only the points within a lesion's
+    bounding box are tested against its polygon."""
+    pts = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+    inside = np.zeros(len(pts), dtype=bool)
+    for les in lesions:
+        lo, hi = les.exterior.min(0), les.exterior.max(0)
+        near = np.flatnonzero(((pts >= lo) & (pts <= hi)).all(1))
+        if near.size:
+            inside[near] |= les.contains(pts[near])
+    return inside
 
 
 def find_annotation(row: pd.Series, manifest_source: Path) -> Path | None:
@@ -133,8 +202,5 @@ def tile_labels(
         g = (np.arange(grid) + 0.5) / grid
         offs = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)  # (G*G, 2)
     pts = (coords[:, None, :] + offs[None] * extent).reshape(-1, 2)  # (N*G*G, 2)
-    inside = np.zeros(len(pts), dtype=bool)
-    for les in lesions:
-        inside |= les.contains(pts)
-    frac = inside.reshape(n, len(offs)).mean(1)
+    frac = in_lesions(pts, lesions).reshape(n, len(offs)).mean(1)
     return frac >= (0.5 if rule == "centre" else min_overlap)
