@@ -1,7 +1,7 @@
 """``wsi`` command line. Heavy modules (torch, lightning, openslide) are imported lazily inside
 each command so that ``wsi --help`` answers at once.
 
-    wsi demo-data [--out DIR] [--n-slides N] [--seed S] [--task lesion|multiscale|multitag]
+    wsi demo-data [--out DIR] [--n-slides N] [--seed S] [--task lesion|multiscale|multitag|zoom]
     wsi info SLIDE [--mpp MPP]
     wsi tile MANIFEST [--out DIR] [key=value ...] [--skip-errors]
     wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors]
@@ -195,7 +195,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "(the folder `wsi fit` uses for the same data.demo settings)")
     s.add_argument("--n-slides", type=int, default=None, help="default: the task's (80; multitag 120)")
     s.add_argument("--task", default="lesion", help="lesion (tumour vs normal) | multiscale (needs two "
-                   "magnifications) | multitag (stain, species and organ tags)")
+                   "magnifications) | multitag (stain, species and organ tags) | zoom (candidate regions seen "
+                   "at low magnification, the deciding cue inside them at high)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_demo_data)

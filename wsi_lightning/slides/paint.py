@@ -45,6 +45,7 @@ class Canvas:
     h: np.ndarray  # float32 hematoxylin concentration
     e: np.ndarray  # float32 eosin concentration
     atypia: np.ndarray | None = None  # multiscale task: bool, where nuclei are atypical
+    dense: np.ndarray | None = None  # zoom task: bool, the candidate regions
 
     @classmethod
     def empty(cls, height: int, width: int, mpp: float) -> Canvas:
@@ -385,7 +386,7 @@ def paint_cue_nuclei(canvas: Canvas, spec: SlideSpec) -> None:
     groups = [(xs, ys, None)]
     for i, region in enumerate(arch):
         cord_rng = np.random.default_rng([spec.seed, STREAM_ARCH, i])
-        groups.append(_cord_points(canvas, region, spec, cord_rng))
+        groups.append(cord_points(canvas, region, spec, cord_rng))
     atypia_rng = np.random.default_rng([spec.seed, STREAM_ATYPIA])
     for xs, ys, theta in groups:
         atypical = canvas.atypia[ys.astype(np.int64), xs.astype(np.int64)]
@@ -394,7 +395,7 @@ def paint_cue_nuclei(canvas: Canvas, spec: SlideSpec) -> None:
             stamp_at(canvas, xs[sel], ys[sel], spec.nuclei, r, at, theta=th)
 
 
-def _cord_points(canvas: Canvas, region, spec: SlideSpec, rng: np.random.Generator):
+def cord_points(canvas: Canvas, region, spec: SlideSpec, rng: np.random.Generator):
     """Nuclei in parallel, slightly wavy cords of ``cord_rows`` staggered rows filling `region`
     (tissue only), with as many nuclei per area as ``jittered_points`` at the slide's density.
 
@@ -434,9 +435,10 @@ def _atypia_params(rng: np.random.Generator, p: dict, at: AtypiaSpec, mpp: float
     area = np.sqrt(1 + 0.5 * (cren**2).sum(1))  # outline harmonics enlarge the area
     radius = np.sqrt(rng.uniform(0, 0.6, (n, at.clumps)))
     angle = rng.uniform(0, 2 * np.pi, (n, at.clumps))
-    return {
-        "rx": p["rx"] / area,
-        "ry": p["ry"] / area,
+    return {  # `size` enlarges the nucleus and spreads the same integrated stain over it
+        "rx": p["rx"] / area * at.size,
+        "ry": p["ry"] / area * at.size,
+        "stain": p["stain"] / at.size**2,
         "cren": cren,
         "cphase": rng.uniform(0, 2 * np.pi, (n, 3)),
         "clump_u": radius * np.cos(angle),

@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from wsi_lightning.slides import multitag, paint
+from wsi_lightning.slides import multitag, paint, zoom
 from wsi_lightning.slides.demo import make_demo_dataset
 from wsi_lightning.slides.pyramid import write_pyramid_tiff
 
@@ -182,6 +182,7 @@ class AtypiaSpec:
     contrast: float  # in [0, 1]: share of the stain in the texture (rest uniform)
     stain: float  # factor on the stain, for equal mean colour at low magnification
     granularity: float  # relative eosin granularity of the cytoplasm (0: none)
+    size: float = 1.0  # radius factor (the integrated stain stays that of a normal nucleus)
 
 
 MULTISCALE_ARCHITECTURE = ArchitectureSpec(
@@ -202,6 +203,9 @@ MULTISCALE_ATYPIA = AtypiaSpec(
     stain=1.05,
     granularity=0.4,
 )
+ZOOM_ATYPIA = replace(MULTISCALE_ATYPIA, size=1.3)  # zoom.py: the lesions' nuclei
+# zoom.py: ... lined up in cords fine enough (2 rows, 30-40 µm apart) to vanish on a thumbnail
+ZOOM_ARCHITECTURE = replace(MULTISCALE_ARCHITECTURE, cord_rows=2, row_um=10.0, cord_gap_um=(30.0, 40.0))
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,8 @@ class SlideSpec:
 
     Task ``"lesion"`` uses ``lesions`` + ``tumour_nuclei``; task ``"multiscale"`` uses
     ``lesions`` (both cues), ``arch_decoys``, ``cell_decoys``, ``architecture`` and ``atypia``;
-    task ``"multitag"`` uses ``tags`` (``label`` is the organ).
+    task ``"multitag"`` uses ``tags`` (``label`` is the organ); task ``"zoom"`` uses ``lesions``
+    (candidates with the cue), ``candidates`` (without), ``zoom`` and ``atypia``.
     """
 
     slide_id: str
@@ -225,12 +230,14 @@ class SlideSpec:
     nuclei: NucleiSpec
     tumour_nuclei: NucleiSpec
     lesions: tuple[Lesion, ...] = ()
-    task: str = "lesion"  # "lesion" | "multiscale" | "multitag"
+    task: str = "lesion"  # "lesion" | "multiscale" | "multitag" | "zoom"
     arch_decoys: tuple[Lesion, ...] = ()  # multiscale: abnormal architecture, normal nuclei
     cell_decoys: tuple[Lesion, ...] = ()  # multiscale: atypical nuclei, normal architecture
     architecture: ArchitectureSpec | None = None
     atypia: AtypiaSpec | None = None
     tags: multitag.TagSpec | None = None  # multitag: stain, species, organ
+    candidates: tuple[Lesion, ...] = ()  # zoom: candidate regions without the cue
+    zoom: zoom.ZoomSpec | None = None
 
     @property
     def size_px(self) -> tuple[int, int]:
@@ -256,9 +263,15 @@ TASK_PAINTERS = {
     "lesion": PAINTERS,
     "multiscale": MULTISCALE_PAINTERS,
     "multitag": multitag.PAINTERS,
+    "zoom": zoom.PAINTERS,
 }
 TASKS = tuple(TASK_PAINTERS)
-DECOY_CLASSES = {"arch_decoys": "Decoy-architecture", "cell_decoys": "Decoy-cells"}
+# annotated regions that are not lesions: spec field -> GeoJSON class
+DECOY_CLASSES = {
+    "arch_decoys": "Decoy-architecture",
+    "cell_decoys": "Decoy-cells",
+    "candidates": "Candidate",
+}
 
 
 def render(spec: SlideSpec, painters=None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -283,8 +296,8 @@ def render(spec: SlideSpec, painters=None) -> tuple[np.ndarray, list[np.ndarray]
 
 
 def decoy_outlines(spec: SlideSpec) -> dict[str, list[np.ndarray]]:
-    """Multiscale task: (K, 2) level-0-pixel outlines of the decoys by class name
-    (``DECOY_CLASSES``); empty lists for the lesion task."""
+    """Multiscale and zoom tasks: (K, 2) level-0-pixel outlines of the decoys / candidates by
+    class name (``DECOY_CLASSES``); empty lists for the lesion task."""
     return {
         name: [d.outline_um() / spec.mpp for d in getattr(spec, field)]
         for field, name in DECOY_CLASSES.items()
@@ -314,14 +327,17 @@ def sample_spec(
         mpp: level-0 microns per pixel to render at.
         max_lesions: most lesions on a tumour slide (``"multiscale"``: most regions per cue,
             at most 2).
-        task: ``"lesion"`` (lesions of clearly different cells) or ``"multiscale"`` (lesions
-            need two cues at two magnifications; see ``sample_multiscale_regions``).
+        task: ``"lesion"`` (lesions of clearly different cells), ``"multiscale"`` (lesions
+            need two cues at two magnifications; see ``sample_multiscale_regions``) or
+            ``"zoom"`` (candidate regions seen at low magnification, the cue inside some of
+            them at high; see ``sample_zoom_regions``).
     """
     if label not in ("normal", "tumor"):
         raise ValueError(f"label must be 'normal' or 'tumor', got {label!r}")
     if task not in TASKS or task == "multitag":
         raise ValueError(
-            f"task must be 'lesion' or 'multiscale', got {task!r} (multitag: multitag.sample_spec)"
+            f"task must be 'lesion', 'multiscale' or 'zoom', got {task!r} "
+            "(multitag: multitag.sample_spec)"
         )
     u = rng.uniform
     palette = Palette(
@@ -363,6 +379,8 @@ def sample_spec(
     )
     if task == "multiscale":
         return sample_multiscale_regions(rng, spec, per_cue=min(max_lesions, 2))
+    if task == "zoom":
+        return sample_zoom_regions(rng, spec)
     if label == "tumor":
         n = int(rng.choice(np.arange(1, max_lesions + 1), p=_lesion_count_p(max_lesions)))
         spec = replace(spec, lesions=_place_lesions(rng, spec, n))
@@ -405,6 +423,37 @@ def sample_multiscale_regions(
         )
     by_kind = [tuple(r for r, k in zip(regions, kinds, strict=True) if k == j) for j in range(3)]
     return replace(spec, lesions=by_kind[0], arch_decoys=by_kind[1], cell_decoys=by_kind[2])
+
+
+def sample_zoom_regions(
+    rng: np.random.Generator, spec: SlideSpec, z: zoom.ZoomSpec = zoom.ZOOM
+) -> SlideSpec:
+    """Turn a drawn slide into one of the zoom task (``zoom.py``): `z.n_candidates` candidate
+    regions on every slide, of which 1..`z.max_lesions` carry the cue on a tumour slide.
+
+    The regions' sizes do not depend on the label (drawn before it is looked at, placed in
+    random order, 60 µm apart), so candidate area and count are no shortcut.
+    """
+    spec = replace(spec, task="zoom", zoom=z, atypia=ZOOM_ATYPIA, architecture=ZOOM_ARCHITECTURE)
+    lo, hi = (math.log(r) for r in z.radius_um)
+
+    def radius(rng: np.random.Generator, cap_um: float) -> float:
+        return float(min(math.exp(rng.uniform(lo, hi)), cap_um))
+
+    regions = _place_lesions(rng, spec, z.n_candidates, radius=radius, gap_um=60.0,
+                             min_radius_um=40.0)
+    if len(regions) < z.n_candidates:
+        raise RuntimeError(
+            f"slide {spec.slide_id}: no room for {z.n_candidates} candidate regions; use a "
+            "larger size_um"
+        )
+    n_cue = int(rng.integers(1, z.max_lesions + 1))  # drawn for every slide: same stream
+    cue = rng.permutation(len(regions))[: n_cue if spec.label == "tumor" else 0]
+    return replace(
+        spec,
+        lesions=tuple(r for i, r in enumerate(regions) if i in cue),
+        candidates=tuple(r for i, r in enumerate(regions) if i not in cue),
+    )
 
 
 def _region_radius(rng: np.random.Generator, cap_um: float) -> float:
