@@ -133,3 +133,22 @@ def test_attribute_command_on_a_finished_run(planted: Path, tmp_path: Path):
     metrics = json.loads((res.run_dir / "metrics.json").read_text())["metrics"]
     assert "test/auroc" in metrics and "attribution/loc_auc/feature/all" in metrics
     assert main(["attribute", str(res.run_dir), "gradient=hessian"]) == 2
+
+
+def test_attribution_reads_the_features_the_model_was_trained_on():
+    """With data.standardize the attribution bags go through the datamodule's scaler."""
+    from types import SimpleNamespace
+
+    from wsi_lightning.callbacks.feature_attribution import _test_bags
+
+    feats = np.arange(6, dtype=np.float16).reshape(3, 2)
+    manifest = SimpleNamespace(df=pd.DataFrame({"slide_id": ["a"]}),
+                               label_index=lambda target: pd.Series([1]))
+    dm = SimpleNamespace(manifest=manifest, splits={"test": ["a"]},
+                         store=SimpleNamespace(read=lambda sid: (feats, np.zeros((3, 2)))),
+                         scaler=lambda x: (x - 1.0) * 2.0)
+    (_, bag, _, label), = _test_bags(dm, "label")
+    np.testing.assert_allclose(bag.numpy(), (feats.astype(np.float32) - 1) * 2)
+    assert label == 1
+    dm.scaler = None
+    np.testing.assert_allclose(_test_bags(dm, "label")[0][1].numpy(), feats.astype(np.float32))

@@ -97,8 +97,10 @@ class FeatureAttribution(L.Callback):
 def _test_bags(dm: Any, target: str) -> list[tuple[str, torch.Tensor, np.ndarray, int]]:
     labels = dict(zip(dm.manifest.df["slide_id"], dm.manifest.label_index(target).tolist(), strict=True))
     bags = []
+    scaler = getattr(dm, "scaler", None)  # data.standardize: the features the model was trained on
     for sid in dm.splits["test"]:
         feats, coords = dm.store.read(sid)
+        feats = feats if scaler is None else scaler(feats)
         bags.append((sid, torch.from_numpy(feats).float(), coords, labels[sid]))
     return bags
 

@@ -64,7 +64,10 @@ class ChowderNet(nn.Module):
         r: number of top and bottom tile scores kept (R = 5 in the paper).
         mlp_hidden: decision MLP sizes.
         dropout: MLP dropout.
-        scorer_l2: weight of the L2 penalty on the tile scorer's weights.
+        scorer_l2: weight of the L2 penalty on the tile scorer's weights. It is in the features'
+            units (0.5 was sized for ResNet-50 features): on features that barely vary from tile
+            to tile (the demo's random ``demo_cnn``) it flattens the scores and every output stays
+            near 0.5, so standardise them (``data.standardize``), as the demo config does.
         scorer_hidden: optional hidden layer of the tile scorer (null = linear, the paper).
     """
 
