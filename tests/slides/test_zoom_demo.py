@@ -31,7 +31,7 @@ def _centres(regions) -> list[tuple[float, float]]:
 @pytest.mark.parametrize("seed", range(8))
 def test_regions_do_not_depend_on_the_label(seed):
     tumour, normal = _spec(seed, "tumor"), _spec(seed, "normal")
-    assert 1 <= len(tumour.lesions) <= ZOOM.max_lesions
+    assert ZOOM.lesions[0] <= len(tumour.lesions) <= ZOOM.lesions[1]
     assert len(normal.lesions) == 0
     assert len(tumour.lesions) + len(tumour.candidates) == ZOOM.n_candidates
     # the same regions on both: only which of them carry the cue differs
@@ -96,7 +96,7 @@ def test_cue_shows_at_high_magnification_only():
     low_inside = inside[4::8, 4::8]
     assert abs(low[0][low_inside].mean() - low[1][low_inside].mean()) < 0.03 * low[1][low_inside].mean()
     fine = [np.abs(np.diff(im.astype(float), axis=1))[inside[:, 1:]].mean() for im in (with_cue, without)]
-    assert fine[0] > 1.3 * fine[1]
+    assert fine[0] > 1.2 * fine[1]
     # nothing else changes (nuclei on the outline reach a few microns past it)
     outside = ~_mask(spec, [replace(lesion, radius_um=lesion.radius_um * 1.15)])
     np.testing.assert_array_equal(with_cue[outside], without[outside])

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1  # bump when a change alters the pixels of a given spec
 # per task, bumped when a change alters that task's pixels (older folders then fail to resume,
 # with a message saying to delete them); multiscale 2: every region of a tumour slide is a lesion
-TASK_VERSIONS = {"multiscale": 2, "zoom": 1}
+# zoom 2: 4 candidates (100-170 µm), 2-3 of them lesions (v1: 3, 90-160 µm, 1-2)
+TASK_VERSIONS = {"multiscale": 2, "zoom": 2}
 DEFAULTS = {
     "size_um": 1536.0,  # 3072 px at 0.5 µm/px
     "mpp": 0.5,
@@ -210,8 +211,9 @@ def make_demo_dataset(
             slide has a stain, a species and an organ tag (manifest columns; ``label`` = organ),
             correlated and imbalanced as in the Patch Transformer paper; slides default to
             1024 µm (see ``multitag.py``). ``task="zoom"``: 2 mm slides whose candidate regions
-            (3 per slide, visible at low magnification) carry atypical nuclei (visible at high
-            magnification) on tumour slides only (see ``zoom.py``).
+            (4 per slide, visible at low magnification) carry the deciding cue (cords of
+            atypical nuclei, visible at high magnification) on tumour slides only (see
+            ``zoom.py``).
 
     Returns:
         Path of ``manifest.csv``.

@@ -429,7 +429,7 @@ def sample_zoom_regions(
     rng: np.random.Generator, spec: SlideSpec, z: zoom.ZoomSpec = zoom.ZOOM
 ) -> SlideSpec:
     """Turn a drawn slide into one of the zoom task (``zoom.py``): `z.n_candidates` candidate
-    regions on every slide, of which 1..`z.max_lesions` carry the cue on a tumour slide.
+    regions on every slide, of which `z.lesions` (a range) carry the cue on a tumour slide.
 
     The regions' sizes do not depend on the label (drawn before it is looked at, placed in
     random order, 60 µm apart), so candidate area and count are no shortcut.
@@ -447,7 +447,7 @@ def sample_zoom_regions(
             f"slide {spec.slide_id}: no room for {z.n_candidates} candidate regions; use a "
             "larger size_um"
         )
-    n_cue = int(rng.integers(1, z.max_lesions + 1))  # drawn for every slide: same stream
+    n_cue = int(rng.integers(z.lesions[0], z.lesions[1] + 1))  # drawn for every slide: same stream
     cue = rng.permutation(len(regions))[: n_cue if spec.label == "tumor" else 0]
     return replace(
         spec,

@@ -6,11 +6,11 @@ that reading every tile at full resolution costs many times what a targeted look
     - Slides are 2 mm square (4096 px at 0.5 µm/px, 4 pyramid levels, about 700 tissue tiles
       of 56 µm per slide), with the lesion task's nuisance variation (stain vectors and
       strengths, nuclear density and size, fibre texture, tissue coverage 35-60%).
-    - Every slide, whatever its label, has ``n_candidates`` (3) *candidate regions*
-      (90-160 µm radius): dense cellular areas, 3x the slide's nuclear density on solid tissue
+    - Every slide, whatever its label, has ``n_candidates`` (4) *candidate regions*
+      (100-170 µm radius): dense cellular areas, 3x the slide's nuclear density on solid tissue
       with less, bluer cytoplasm. They are visible at every magnification, down to a 32-64 px
       thumbnail of the whole slide (dark purple spots of 5-10 px).
-    - Tumour slides carry the *deciding cue* in 1 or 2 of their candidates (the lesions,
+    - Tumour slides carry the *deciding cue* in 2 or 3 of their candidates (the lesions,
       annotated ``Tumor``; the others ``Candidate``): the same number of nuclei per area, but
       lined up in parallel cords (3 rows, 60-70 µm apart, the multiscale task's architecture)
       and atypical (vesicular: crenated outline, thick membrane, chromatin clumps, nucleolus;
@@ -25,7 +25,7 @@ that reading every tile at full resolution costs many times what a targeted look
 
 So a model that only sees the slide as a thumbnail counts the same candidates in both classes
 and is at chance; one that reads every tile at 0.5 µm/px finds the cue at ~20x the pixels of
-one that zooms into the three candidates.
+one that zooms into the four candidates.
 
 The painters here follow ``paint.py``'s contract (``painter(canvas, spec)``, one random stream
 each); ``synthetic.sample_zoom_regions`` draws the regions.
@@ -51,9 +51,9 @@ STREAM_DENSE = 7  # nuclei of the candidate regions
 class ZoomSpec:
     """What makes a candidate region and how many a slide has."""
 
-    n_candidates: int = 3  # per slide, both classes
-    max_lesions: int = 2  # tumour slides: candidates with the cue, 1..max_lesions
-    radius_um: tuple[float, float] = (90.0, 160.0)  # log-uniform
+    n_candidates: int = 4  # per slide, both classes
+    lesions: tuple[int, int] = (2, 3)  # tumour slides: candidates with the cue, uniform in this range
+    radius_um: tuple[float, float] = (100.0, 170.0)  # log-uniform
     density_factor: float = 3.0  # nuclei per area, relative to the slide's
     cytoplasm: float = 0.8  # eosin factor on the stroma (less cytoplasm between the cells)
     haze: float = 0.25  # extra background hematoxylin (bluer)
