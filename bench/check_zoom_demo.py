@@ -53,14 +53,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import LeaveOneOut, StratifiedGroupKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import LeaveOneOut, cross_val_predict
 
 from wsi_lightning.features.backbones import build_backbone
 from wsi_lightning.slides import SlideReader, make_demo_dataset, segment_tissue
+
+try:  # python -m bench.check_zoom_demo
+    from bench.check_multiscale_demo import _box_fraction, _fit_predict, _model
+except ImportError:  # python bench/check_zoom_demo.py
+    from check_multiscale_demo import _box_fraction, _fit_predict, _model
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,7 @@ WINDOW_UM = 64.0
 MPPS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 GROUPS = ("lesion", "candidate", "normal")
 CLASS_OF = {"Tumor": "lesion", "Candidate": "candidate"}
-MASK_UM = 4.0
-C_GRID = (0.03, 0.3)
+MASK_UM = 4.0  # as check_multiscale_demo's _box_fraction
 INSIDE_UM = 96.0  # a region window has this box >= 90% inside its region
 CLEAR_UM = 192.0  # a normal window has this box clear of every region
 THUMB_MPP = 32.0  # a 64 px thumbnail of a 2 mm slide (MagNets' layer 1 sees 32-56 px)
@@ -83,13 +84,6 @@ def _region_masks(geojson: dict, slide_um: float, mpp: float) -> dict[str, np.nd
         ring = np.asarray(feature["geometry"]["coordinates"][0]) * mpp / MASK_UM
         ImageDraw.Draw(images[group]).polygon([tuple(p) for p in ring.tolist()], fill=1)
     return {g: np.asarray(img) for g, img in images.items()}
-
-
-def _box_fraction(mask: np.ndarray, cx: float, cy: float, side_um: float) -> float:
-    h = side_um / 2 / MASK_UM
-    x0, y0 = max(int(round(cx / MASK_UM - h)), 0), max(int(round(cy / MASK_UM - h)), 0)
-    box = mask[y0 : int(round(cy / MASK_UM + h)), x0 : int(round(cx / MASK_UM + h))]
-    return float(box.mean()) if box.size else 0.0
 
 
 def window_groups(root: Path, row: dict, rng: np.random.Generator, per_group: int) -> list[tuple]:
@@ -152,29 +146,10 @@ def window_features(reader: SlideReader, centres: list[tuple], backbone) -> np.n
     return np.stack(out, 1).astype(np.float32)
 
 
-def _folds(n_folds: int, y_slide: np.ndarray, groups: np.ndarray):
-    return StratifiedGroupKFold(n_folds, shuffle=True, random_state=0).split(y_slide, y_slide, groups)
-
-
-def _model(c: float):
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-
-
 def oof_auc(x: np.ndarray, y: np.ndarray, y_slide: np.ndarray, groups: np.ndarray,
             n_folds: int) -> float:
     """Out-of-fold AUC of a logistic regression; C chosen per outer fold by an inner CV."""
-    scores = np.zeros(len(y))
-    for train, test in _folds(n_folds, y_slide, groups):
-        best, best_auc = C_GRID[0], -1.0
-        for c in C_GRID:
-            inner = np.zeros(len(train))
-            for itr, ite in _folds(3, y_slide[train], groups[train]):
-                inner[ite] = _model(c).fit(x[train][itr], y[train][itr]).decision_function(x[train][ite])
-            auc = roc_auc_score(y[train], inner)
-            if auc > best_auc:
-                best, best_auc = c, auc
-        scores[test] = _model(best).fit(x[train], y[train]).decision_function(x[test])
-    return round(float(roc_auc_score(y, scores)), 3)
+    return round(float(roc_auc_score(y, _fit_predict(x, y, y_slide, groups, n_folds))), 3)
 
 
 def thumbnail_regions(root: Path, row: dict) -> list[tuple[bool, np.ndarray]]:
