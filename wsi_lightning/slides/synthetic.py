@@ -215,7 +215,7 @@ class SlideSpec:
     Task ``"lesion"`` uses ``lesions`` + ``tumour_nuclei``; task ``"multiscale"`` uses
     ``lesions`` (both cues), ``arch_decoys``, ``cell_decoys``, ``architecture`` and ``atypia``;
     task ``"multitag"`` uses ``tags`` (``label`` is the organ); task ``"zoom"`` uses ``lesions``
-    (candidates with the cue), ``candidates`` (without), ``zoom`` and ``atypia``.
+    (candidates with the cue), ``candidates`` (without), ``zoom``, ``atypia`` and ``architecture``.
     """
 
     slide_id: str

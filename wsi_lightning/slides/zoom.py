@@ -12,8 +12,8 @@ that reading every tile at full resolution costs many times what a targeted look
       thumbnail of the whole slide (dark purple spots of 5-10 px).
     - Tumour slides carry the *deciding cue* in 2 or 3 of their candidates (the lesions,
       annotated ``Tumor``; the others ``Candidate``): the same number of nuclei per area, but
-      lined up in parallel cords (3 rows, 60-70 µm apart, the multiscale task's architecture)
-      and atypical (vesicular: crenated outline, thick membrane, chromatin clumps, nucleolus;
+      lined up in parallel cords (2 rows, 30-40 µm apart: the multiscale task's architecture,
+      finer) and atypical (vesicular: crenated outline, thick membrane, chromatin clumps, nucleolus;
       1.3x the radius with the same integrated stain). Normal slides have the cue nowhere.
     - The cue needs magnification: the cords are plain from 8 µm/px down and the atypia at
       0.5-1 µm/px, while a lesion's mean colour is matched to that of the same region drawn as
@@ -63,17 +63,11 @@ ZOOM = ZoomSpec()
 DEFAULTS = {"size_um": 2048.0}  # demo options of the task (slides/demo.py TASK_DEFAULTS)
 
 
-def candidate_mask(canvas: paint.Canvas, spec: SlideSpec) -> np.ndarray:
-    """(H, W) bool: inside any candidate region (lesions included)."""
-    return paint.polygon_mask(canvas, [r.outline_um() for r in spec.lesions + spec.candidates])
-
-
 def paint_regions(canvas: paint.Canvas, spec: SlideSpec) -> None:
-    """Candidate regions become solid tissue (``canvas.dense``); the lesions' nuclei will be
-    atypical (``canvas.atypia``)."""
-    canvas.dense = candidate_mask(canvas, spec)
+    """Candidate regions (lesions included) become solid tissue, marked in ``canvas.dense``."""
+    regions = spec.lesions + spec.candidates
+    canvas.dense = paint.polygon_mask(canvas, [r.outline_um() for r in regions])
     canvas.tissue |= canvas.dense
-    canvas.atypia = paint.polygon_mask(canvas, [r.outline_um() for r in spec.lesions])
 
 
 def paint_dense_stroma(canvas: paint.Canvas, spec: SlideSpec) -> None:
@@ -104,7 +98,7 @@ def paint_nuclei(canvas: paint.Canvas, spec: SlideSpec) -> None:
     packed = replace(spec, nuclei=replace(spec.nuclei, density_per_mm2=density * spec.zoom.density_factor))
     regions = sorted(spec.lesions + spec.candidates, key=lambda r: r.center_um)
     for i, region in enumerate(regions):
-        region_rng = np.random.default_rng([spec.seed, STREAM_DENSE, i])
+        region_rng = np.random.default_rng([spec.seed, STREAM_DENSE, i])  # what a candidate draws
         inside = _in_region(region, xs, ys, canvas.mpp)
         if region not in spec.lesions:
             paint.stamp_at(canvas, xs[inside], ys[inside], spec.nuclei, region_rng)
@@ -113,7 +107,7 @@ def paint_nuclei(canvas: paint.Canvas, spec: SlideSpec) -> None:
         before = canvas.h[box].copy()
         plain = _crop(canvas, box)
         paint.stamp_at(plain, xs[inside] - box[1].start, ys[inside] - box[0].start, spec.nuclei,
-                       np.random.default_rng([spec.seed, STREAM_DENSE, i]))
+                       np.random.default_rng([spec.seed, STREAM_DENSE, i]))  # as a candidate
         cx, cy, theta = paint.cord_points(canvas, region, packed, region_rng)  # the cue
         paint.stamp_at(canvas, cx, cy, spec.nuclei, region_rng, spec.atypia, theta=theta)
         _match_colour(canvas, box, region, before, plain, spec)
@@ -142,7 +136,7 @@ def _crop(canvas: paint.Canvas, box: tuple[slice, slice]) -> paint.Canvas:
 def _match_colour(canvas: paint.Canvas, box, region, before: np.ndarray, plain: paint.Canvas,
                   spec: SlideSpec) -> None:
     """Scale the stain the cue added in `box` (``canvas.h - before``) so that the region's mean
-    transmitted light equals the plain version's (bisection on the gain, <= 0.2% apart)."""
+    transmitted light equals the plain version's (12 bisection steps on the gain in [0.5, 3])."""
     added = canvas.h[box] - before
     offset = np.array([box[1].start, box[0].start]) * canvas.mpp  # (x, y) µm of the box corner
     inside = paint.polygon_mask(plain, [region.outline_um() - offset]) & plain.tissue
@@ -150,9 +144,9 @@ def _match_colour(canvas: paint.Canvas, box, region, before: np.ndarray, plain: 
         return
     target = _light(plain, spec, inside)
     lo, hi = 0.5, 3.0
+    trial = _crop(canvas, box)
     for _ in range(12):
         gain = (lo + hi) / 2
-        trial = _crop(canvas, box)
         trial.h = np.minimum(before + gain * added, np.float32(paint.H_MAX))
         lo, hi = (gain, hi) if _light(trial, spec, inside) > target else (lo, gain)
     canvas.h[box] = np.minimum(before + np.float32((lo + hi) / 2) * added, np.float32(paint.H_MAX))
