@@ -119,8 +119,8 @@ def _time_loader(dm: SlideSamplingDataModule, step, device: torch.device, epochs
                 batch = next(it)
             except StopIteration:
                 break
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["labels"]["label"].to(device, non_blocking=True)
+            images = batch.features.to(device, non_blocking=True)  # a Bag: (B, M, 3, T, T)
+            labels = batch.labels["label"].to(device, non_blocking=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
