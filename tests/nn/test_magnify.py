@@ -12,6 +12,7 @@ from wsi_lightning.nn.lin_sampler import affine_grid, lin_grid_sample
 from wsi_lightning.nn.magnify import (
     MagnifyingLayer,
     STStack,
+    WarmBatchNorm2d,
     canvas_box,
     child_frames,
     clip_boxes,
@@ -207,6 +208,52 @@ def test_magnifying_layer_shapes_and_gradients(n_nodes, n_patches, freeze_first,
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_warm_batchnorm_is_a_cumulative_average_then_the_usual_ema():
+    torch.manual_seed(0)
+    warm, plain = WarmBatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    xs = [torch.randn(4, 3, 5, 5) * (k + 1) + k for k in range(15)]
+    for x in xs[:5]:
+        warm(x)
+    means = torch.stack([x.mean((0, 2, 3)) for x in xs[:5]]).mean(0)
+    variances = torch.stack([x.var((0, 2, 3)) for x in xs[:5]]).mean(0)
+    assert torch.allclose(warm.running_mean, means, atol=1e-5)
+    assert torch.allclose(warm.running_var, variances, atol=1e-4)
+    assert warm.momentum == 0.1
+    # past 1 / momentum batches it is the plain exponential average, from the same state
+    for x in xs[5:10]:
+        warm(x)
+    plain.load_state_dict(warm.state_dict())
+    for x in xs[10:]:
+        warm(x), plain(x)
+    assert torch.allclose(warm.running_mean, plain.running_mean)
+    assert torch.allclose(warm.running_var, plain.running_var)
+    assert int(warm.num_batches_tracked) == 15
+
+
+def test_magnifying_layer_evaluates_as_it_trains_after_a_few_steps():
+    """After 3 training steps on a batch, evaluation crops of that batch are the training
+    crops (plain BatchNorm: running statistics still mostly the initial 0 / 1, flat maps)."""
+    torch.manual_seed(0)
+    layer = MagnifyingLayer(1, 2, out_size=8)
+    images, sources = torch.rand(4, 1, 3, 16, 16, generator=gen(1)), torch.rand(4, 1, 3, 32, 32, generator=gen(2))
+    with torch.no_grad():
+        for _ in range(3):
+            train_theta = layer(images, sources).theta
+        layer.eval()
+        eval_theta = layer(images, sources).theta
+    assert torch.allclose(eval_theta, train_theta, atol=2e-2)
+    plain = MagnifyingLayer(1, 2, out_size=8)
+    for m in plain.modules():
+        if isinstance(m, WarmBatchNorm2d):
+            m.__class__ = torch.nn.BatchNorm2d
+    with torch.no_grad():
+        for _ in range(3):
+            plain_train = plain(images, sources).theta
+        plain.eval()
+        plain_eval = plain(images, sources).theta
+    assert (plain_eval[..., 0] - plain_train[..., 0]).abs().max() > 0.1  # what the warm start fixes
 
 
 def test_magnifying_layer_checks_its_arguments():

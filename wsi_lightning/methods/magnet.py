@@ -32,7 +32,9 @@ Deviations from paper (register items 15-21 and ``methods.md`` 4.10):
     - Table 1's check marks are lost (item 20). Its "L3" cannot be the classifier's own loss (rows
       without it still score 62-68% AUROC), so ``detach_leaves=true`` reads "without L3" as "L3
       does not reach the magnifying layers" (they then learn from L1 and L2 only) [inferred].
-    - BatchNorm stays in the ST stacks, including the last 1x1 Conv2D (4.10 item 10); children's
+    - BatchNorm stays in the ST stacks, including the last 1x1 Conv2D (4.10 item 10), with
+      running statistics that start as a cumulative average (so evaluation crops are the
+      training ones from the first epoch; nn/magnify.py ``WarmBatchNorm2d``); children's
       I' padding sits where their frame leaves the parent's content; frames use
       ``align_corners=False``; the sampler's forward value is exactly bilinear (no intercept).
       See nn/magnify.py and nn/lin_sampler.py.
