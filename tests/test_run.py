@@ -98,3 +98,14 @@ def test_ddp_two_processes_cover_every_slide_once(bag_data: Path, tmp_path: Path
     auc = roc_auc_score(pred["label"] == "class1", pred["prob_class1"])
     logged = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/auroc"]
     assert logged == pytest.approx(auc, abs=1e-4)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Path, monkeypatch):
+    """Two `wsi fit` started together used to share <timestamp>/ (metrics interleaved)."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(run.time, "strftime", lambda fmt: "20260101-000000")
+    cfg = OmegaConf.create({"paths": {"runs": str(tmp_path)}, "name": "abmil"})
+    dirs = [run.new_run_dir(cfg) for _ in range(3)]
+    assert [d.name for d in dirs] == ["20260101-000000", "20260101-000000-1", "20260101-000000-2"]
+    assert all(d.is_dir() for d in dirs)

@@ -35,15 +35,21 @@ def _is_ddp_child() -> bool:
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
-    """``<paths.runs>/<name>/<timestamp>``; DDP child processes reuse their parent's folder."""
+    """``<paths.runs>/<name>/<timestamp>`` (``-1``, ``-2``, ... when taken), created here so that
+    two runs started in the same second never share a folder; DDP child processes reuse their
+    parent's folder."""
     if _is_ddp_child() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.paths.runs) / str(cfg.name)
+    base.mkdir(parents=True, exist_ok=True)
     run_dir, i = base / stamp, 1
-    while run_dir.exists():
-        run_dir, i = base / f"{stamp}-{i}", i + 1
-    return run_dir
+    while True:
+        try:
+            run_dir.mkdir()  # atomic: exactly one process creates a given folder
+            return run_dir
+        except FileExistsError:
+            run_dir, i = base / f"{stamp}-{i}", i + 1
 
 
 def _metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
