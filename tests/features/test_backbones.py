@@ -13,7 +13,7 @@ from wsi_lightning.errors import ConfigError
 from wsi_lightning.features.backbones import Backbone, build_backbone, state_dict_hash
 from wsi_lightning.registry import BACKBONES
 
-PRESET_DIMS = {"demo_cnn": 128, "resnet18": 512, "resnet50": 2048, "resnet50_trunc": 1024}
+PRESET_DIMS = {"demo_cnn": 128, "demo_filters": 96, "resnet18": 512, "resnet50": 2048, "resnet50_trunc": 1024}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,44 @@ def test_demo_cnn_deterministic_and_rng_free() -> None:
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
     assert build_backbone("demo_cnn", seed=1).weights_hash != a.weights_hash
     assert build_backbone("demo_cnn", width=16).dim == 64
+
+
+def test_demo_cnn_depth_keeps_the_first_blocks() -> None:
+    three, five = build_backbone("demo_cnn"), build_backbone("demo_cnn", depth=5)
+    assert len(five.model.features) == 10 and five.dim == 128
+    for i in (0, 2, 4):  # the convolutions of blocks 1-3
+        torch.testing.assert_close(three.model.features[i].weight, five.model.features[i].weight)
+    with pytest.raises(ConfigError, match="depth"):
+        build_backbone("demo_cnn", depth=0)
+
+
+def _discs(radius: float, size: int = 128, spacing: int = 40) -> torch.Tensor:
+    """(1, 3, size, size) white image with dark purple discs of one radius on a grid."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    img = torch.ones(3, size, size)
+    for cy in range(spacing // 2, size, spacing):
+        for cx in range(spacing // 2, size, spacing):
+            disc = (xx - cx) ** 2 + (yy - cy) ** 2 < radius**2
+            img[:, disc] = torch.tensor([0.35, 0.2, 0.55])[:, None]
+    return img[None]
+
+
+def test_demo_filters_blob_responses_follow_the_nuclear_size() -> None:
+    """Per octave o the features are [G, DoG+, DoG-, |grad|] x [mean (RGB), std (RGB)]: the
+    octave where dark blobs respond most moves up with the blob radius."""
+    backbone = build_backbone("demo_filters")
+    assert backbone.state_dict() == {} and backbone.dim == 96
+    peaks = []
+    for radius in (2.0, 5.0, 11.0):
+        with torch.inference_mode():
+            f = backbone(_discs(radius))[0].view(4, 4, 2, 3)  # (octave, map, mean/std, RGB)
+        peaks.append(int(f[:, 1, 0].mean(-1).argmax()))  # DoG+ mean, over the channels
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1], peaks
+    with torch.inference_mode():
+        blank = backbone(torch.ones(1, 3, 64, 64))
+    assert blank.abs().max() < 1e-5  # white: no stain, no blobs, no edges
+    with pytest.raises(ConfigError, match="octaves"):
+        build_backbone("demo_filters", octaves=0)
 
 
 def _tile(lesion: bool, rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -141,8 +179,8 @@ def test_wrong_keys_and_shapes(tmp_path: Path) -> None:
 
 
 def test_bad_preset_arguments() -> None:
-    with pytest.raises(ConfigError, match="'demo_cnn' does not take arguments {'depth': 3}"):
-        build_backbone("demo_cnn", depth=3)
+    with pytest.raises(ConfigError, match="'demo_cnn' does not take arguments {'layers': 3}"):
+        build_backbone("demo_cnn", layers=3)
 
 
 def test_unknown_name() -> None:

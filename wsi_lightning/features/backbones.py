@@ -11,6 +11,9 @@ Presets:
     resnet18        ResNet-18, average-pooled, 512-d (torchvision ImageNet weights).
     demo_cnn        A tiny randomly initialised CNN (fixed seed) for the CPU demo and tests,
                     128-d: mean and standard deviation of its last feature map per channel.
+    demo_filters    A fixed multi-scale filter bank on optical density (no weights to learn or
+                    download), 96-d: what a pathology foundation model gives real slides, for
+                    the synthetic ones: nuclear size, density and texture are linearly visible.
 
 Weights: ``weights=<file>`` (``.pth/.pt/.bin`` via ``torch.load(weights_only=True)`` or
 ``.safetensors``) is loaded strictly into the wrapped model (``Backbone.model``); state dicts
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wsi_lightning.errors import ConfigError
@@ -199,7 +203,7 @@ def resnet18(pretrained: bool = False, **kwargs: Any) -> Backbone:
 
 
 class DemoCNN(nn.Module):
-    """Tiny random CNN: three stride-2 3x3 conv + ReLU blocks, mean/std pooled.
+    """Tiny random CNN: ``depth`` (3) stride-2 3x3 conv + ReLU blocks, mean/std pooled.
 
     Random convolutions with ReLU respond to local colour and texture, and the per-channel
     mean (how much of a pattern there is) and standard deviation (how patchy it is) of the
@@ -207,13 +211,19 @@ class DemoCNN(nn.Module):
     Initialised from ``seed`` with a private generator (the global RNG is not touched).
 
     Args:
-        width: Channels of the middle block; blocks have (width/2, width, 2*width) channels.
+        width: Channels of the middle block; blocks have (width/2, width, 2*width) channels,
+            and any block past the third 2*width.
         seed: Seed of the He-normal initialisation.
+        depth: Number of blocks (>= 1). Three see 15 px (7.5 µm at 0.5 µm/px: enough for colour
+            and nuclear density); end-to-end training that must see whole nuclei or glands
+            wants 5 (63 px). The first three blocks' weights do not depend on ``depth``.
     """
 
-    def __init__(self, width: int = 32, seed: int = 0) -> None:
+    def __init__(self, width: int = 32, seed: int = 0, depth: int = 3) -> None:
         super().__init__()
-        chans = (3, max(width // 2, 4), width, 2 * width)
+        if depth < 1:
+            raise ConfigError(f"demo_cnn: depth={depth}; expected >= 1")
+        chans = (3, max(width // 2, 4), width, 2 * width, *([2 * width] * max(depth - 3, 0)))[: depth + 1]
         with torch.device("meta"):  # no default init through the global RNG
             layers: list[nn.Module] = []
             for cin, cout in zip(chans[:-1], chans[1:], strict=True):
@@ -235,12 +245,79 @@ class DemoCNN(nn.Module):
         return torch.cat([mean, std], dim=1)  # (B, 2C)
 
 
+class FilterBank(nn.Module):
+    """Fixed multi-scale filter bank on optical density, mean/std pooled (no parameters).
+
+    Classical texture features (Gaussian scale space: Lindeberg 1998; filter-bank textures:
+    Leung & Malik 2001), on the optical density ``OD = -log10(max(I, 1/255))`` of each RGB
+    channel (stain amount: nuclei are high, background 0), first halved (2x2 mean). For each of
+    ``octaves`` octaves (the smoothed image halved between them), one 7x7 convolution gives per
+    channel::
+
+        G    = Gaussian(OD, sigma=1 px)             smoothed stain
+        DoG  = Gaussian(0.8) - Gaussian(1.6)        blobs of radius ~1-2 px
+        Gx, Gy = derivatives of Gaussian(1)         edges, |∇G| = sqrt(Gx² + Gy²)
+
+    and the spatial mean and standard deviation of ``G``, ``DoG+``, ``DoG-`` (dark blobs on a
+    light surround, and the reverse) and ``|∇G|``: 3 channels x 8 x ``octaves`` features. Blob
+    responses at successive octaves say how large the nuclei are, their means how many, their
+    spread how patchy; at 0.5 µm/px octaves 0-3 see blobs of ~1-16 µm radius.
+
+    Args:
+        octaves: scales (4).
+    """
+
+    def __init__(self, octaves: int = 4) -> None:
+        super().__init__()
+        if octaves < 1:
+            raise ConfigError(f"demo_filters: octaves={octaves}; expected >= 1")
+        self.octaves = int(octaves)
+        self.num_features = 3 * 8 * self.octaves
+        r = torch.arange(-3, 4, dtype=torch.float64)
+        yy, xx = torch.meshgrid(r, r, indexing="ij")
+
+        def gauss(sigma: float) -> torch.Tensor:
+            k = torch.exp(-(xx**2 + yy**2) / (2 * sigma**2))
+            return k / k.sum()
+
+        g1 = gauss(1.0)
+        kernels = [g1, gauss(0.8) - gauss(1.6), -xx * g1, -yy * g1]  # G, DoG, d/dx, d/dy (7, 7)
+        weight = torch.zeros(3 * len(kernels), 3, 7, 7, dtype=torch.float64)
+        for c in range(3):  # channel c's maps read channel c only
+            for j, k in enumerate(kernels):
+                weight[c * len(kernels) + j, c] = k
+        self.register_buffer("weight", weight.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> (B, 24 * octaves)."""
+        od = F.avg_pool2d(-torch.log10(x.clamp(min=1 / 255)), 2, ceil_mode=True)  # (B, 3, H/2, W/2)
+        feats = []
+        for o in range(self.octaves):
+            y = F.conv2d(F.pad(od, (3, 3, 3, 3), mode="replicate"), self.weight.to(od.dtype))
+            g, dog, gx, gy = y.unflatten(1, (3, 4)).unbind(2)  # (B, 3, h, w) each
+            for m in (g, dog.clamp(min=0), (-dog).clamp(min=0), torch.sqrt(gx**2 + gy**2 + 1e-12)):
+                std, mean = torch.std_mean(m.flatten(2), dim=2, correction=0)  # (B, 3) each
+                feats += [mean, std]
+            if o + 1 < self.octaves:
+                od = F.avg_pool2d(g, 2, ceil_mode=True)  # the next octave from the smoothed image
+        return torch.cat(feats, 1)  # (B, 24 * octaves)
+
+
+@BACKBONES.register("demo_filters")
+def demo_filters(pretrained: bool = False, octaves: int = 4) -> Backbone:
+    """Fixed optical-density filter bank for CPU demos, (B, 24 * octaves) = (B, 96)."""
+    if pretrained:
+        logger.info("backbone 'demo_filters' has no weights: its filters are fixed")
+    model = FilterBank(octaves=octaves)
+    return Backbone(model, "demo_filters", model.num_features, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
 @BACKBONES.register("demo_cnn")
-def demo_cnn(pretrained: bool = False, width: int = 32, seed: int = 0) -> Backbone:
+def demo_cnn(pretrained: bool = False, width: int = 32, seed: int = 0, depth: int = 3) -> Backbone:
     """Tiny deterministic random CNN for CPU demos and tests, (B, 4 * width) = (B, 128)."""
     if pretrained:
         logger.info("backbone 'demo_cnn' has no pretrained weights; using its seeded init")
-    model = DemoCNN(width=width, seed=seed)
+    model = DemoCNN(width=width, seed=seed, depth=depth)
     return Backbone(model, "demo_cnn", model.num_features)
 
 

@@ -41,6 +41,8 @@ class EndToEndNet(nn.Module):
         mil: registered bag method whose net aggregates the patch embeddings.
         mil_args: that method's arguments.
         backbone: ``wsi_lightning.features.backbones`` preset or timm name.
+        backbone_args: keyword arguments of the preset / ``timm.create_model`` (e.g.
+            ``{depth: 5}`` for ``demo_cnn``, ``{img_size: 224}`` for a ViT).
         pretrained: timm pretrained weights (needs the internet once).
         weights: local weights file (overrides ``pretrained``).
         freeze_backbone: keep the CNN fixed (no fine-tuning).
@@ -49,7 +51,8 @@ class EndToEndNet(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: dict[str, int], mil: str = "patch_transformer",
                  mil_args: dict[str, Any] | None = None, backbone: str = "resnet50",
-                 pretrained: bool = True, weights: str | None = None, freeze_backbone: bool = False,
+                 backbone_args: dict[str, Any] | None = None, pretrained: bool = True,
+                 weights: str | None = None, freeze_backbone: bool = False,
                  resize: int | None = 256, crop: int | None = 224) -> None:
         super().__init__()
         from wsi_lightning.features.backbones import build_backbone
@@ -63,7 +66,8 @@ class EndToEndNet(nn.Module):
             raise ConfigError(f"end_to_end: crop={crop} is larger than resize={resize}")
         # weights are loaded when fitting starts (``load_pretrained``), never at construction, so
         # building the model or loading a checkpoint never downloads anything
-        self.backbone = build_backbone(backbone, pretrained=False).train()
+        self.backbone_args = dict(backbone_args or {})
+        self.backbone = build_backbone(backbone, pretrained=False, **self.backbone_args).train()
         self.backbone_name, self.pretrained, self.weights = backbone, bool(pretrained), weights
         if freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -78,7 +82,7 @@ class EndToEndNet(nn.Module):
             self.backbone.load_weights(self.weights)
         elif self.pretrained:
             self.backbone.model.load_state_dict(
-                build_backbone(self.backbone_name, pretrained=True).model.state_dict())
+                build_backbone(self.backbone_name, pretrained=True, **self.backbone_args).model.state_dict())
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """(K, 3, T, T) -> resized, then randomly (train) or centrally cropped."""
