@@ -84,6 +84,22 @@ def test_spec_errors(bag_data: Path, tmp_path: Path):
         reproduce.run_table(str(_spec(tmp_path, bag_data)), dataset="camelyon16", runs=tmp_path / "r")
 
 
+def test_unquoted_yaml_override_is_named(bag_data: Path, tmp_path: Path):
+    """`- callbacks=[{name: mechanism}]` unquoted is a YAML mapping, not an override string."""
+    bad = tmp_path / "bad.yaml"
+    text = _spec(tmp_path, bag_data).read_text().replace("datasets:\n  tiny:\n",
+                                                         "datasets:\n  tiny:\n  - callbacks=[{name: mechanism}]\n")
+    bad.write_text(text)
+    assert isinstance(yaml.safe_load(text)["datasets"]["tiny"][0], dict)
+    with pytest.raises(ConfigError, match=r"datasets.tiny has override .*not a 'key=value' string; quote"):
+        reproduce.load_spec(str(bad))
+    spec = yaml.safe_load(_spec(tmp_path, bag_data).read_text())
+    spec["rows"][1]["overrides"] = [{"callbacks=[{name": "mechanism}]"}]
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"rows\[1\] \(Mean pool\) overrides has override"):
+        reproduce.load_spec(str(bad))
+
+
 def test_repository_tables_load():
     for name in reproduce.list_tables():
         spec = reproduce.load_spec(name)

@@ -63,6 +63,16 @@ def load_spec(name: str) -> dict:
             raise ConfigError(f"table {path}: '{key}' is missing or empty")
     spec.setdefault("datasets", {"demo": []})
     spec["name"], spec["path"] = path.stem, path
+
+    def check_overrides(items: Any, where: str) -> None:
+        for item in items or []:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(
+                    f"table {path}: {where} has override {item!r}, which is not a 'key=value' string; "
+                    "quote overrides whose value holds YAML syntax, e.g. - \"callbacks=[{name: mechanism}]\"")
+
+    for ds, items in spec["datasets"].items():
+        check_overrides(items, f"datasets.{ds}")
     for i, row in enumerate(spec["rows"]):
         for k in ("name", "experiment"):
             if k not in row:
@@ -79,6 +89,9 @@ def load_spec(name: str) -> dict:
         if bad:
             raise ConfigError(f"table {path}: rows[{i}] ({row['name']}) has paper numbers for unknown "
                               f"column(s) {sorted(bad)}; columns: {sorted(spec['columns'])}")
+        check_overrides(row.get("overrides"), f"rows[{i}] ({row['name']}) overrides")
+        for ds, items in (row.get("dataset_overrides") or {}).items():
+            check_overrides(items, f"rows[{i}] ({row['name']}) dataset_overrides.{ds}")
         config.load(row["experiment"], list(row.get("overrides", [])))  # fails early on bad keys
     return spec
 
