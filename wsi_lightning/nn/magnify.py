@@ -34,7 +34,7 @@ Deviations from paper:
     - Frames assume ``align_corners=False`` (normalised ±1 = image borders, not pixel centres).
     - BatchNorm running statistics start as a cumulative average (:class:`WarmBatchNorm2d`), not
       as PyTorch's exponential average from (mean 0, var 1): the crop of a map depends steeply on
-      its scale, and after one 11-step demo epoch the plain average's variance is still ~1/3 of
+      its scale, and after 13 demo steps the plain average's variance was still ~1/4 of
       its initial 1, so evaluation maps came out flat and every evaluated crop was the whole
       image (mean s 0.98 vs 0.49 in training, measured on a trained MagNet).
 """
