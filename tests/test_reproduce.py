@@ -21,7 +21,9 @@ def _spec(tmp_path: Path, bag_data: Path) -> Path:
         "seeds": [0, 1],
         "datasets": {"tiny": over},
         "compare_to": "ABMIL",
-        "columns": {"auc": {"metric": "test/auroc", "label": "AUC"}, "acc": {"metric": "test/acc"}},
+        "columns": {"auc": {"metric": "test/auroc", "label": "AUC"}, "acc": {"metric": "test/acc"},
+                    # a metric no row logs (as HAG-MIL's recall on a baseline): an empty cell, never a redo
+                    "recall": {"metric": "test/not_logged_here"}},
         "rows": [{"name": "ABMIL", "experiment": "abmil", "paper": {"auc": 0.9}},
                  {"name": "Mean pool", "experiment": "mean_pool", "overrides": ["method.embed_dim=32"],
                   "dataset_overrides": {"tiny": ["method.embed_dim=16"]}}],
@@ -38,7 +40,8 @@ def test_table_end_to_end_and_resume(bag_data: Path, tmp_path: Path):
     text = md.read_text()
     assert "| ABMIL (`abmil`) |" in text and "/ 0.900" in text and "Dataset: **tiny**" in text
     csv = pd.read_csv(tmp_path / "results" / "tiny.tiny.csv")
-    assert len(csv) == 4 and (csv["n_seeds"] == 2).all()
+    assert len(csv) == 6 and (csv["n_seeds"] == 2).all()
+    assert csv[csv.column == "recall"]["mean"].isna().all()
     runs = sorted((tmp_path / "runs" / "reproduce" / "tiny" / "tiny").glob("*/seed*/metrics.json"))
     assert len(runs) == 4
     resolved = (runs[0].parent.parent.parent / "Mean_pool" / "seed0" / "config.resolved.yaml").read_text()

@@ -102,14 +102,24 @@ def _row_dir(spec: dict, dataset: str, row: dict, seed: int, runs: Path) -> Path
 
 
 def _complete(run_dir: Path, metrics: list[str], cfg: DictConfig) -> dict | None:
-    """The run's metrics if it finished with every column under the same config, else None
-    (a run made before a change of the spec, the experiment YAML or the demo data is redone)."""
+    """The run's metrics if it finished under the same config, else None (a run made before a
+    change of the spec, the experiment YAML or the demo data is redone).
+
+    ``metrics.json`` is written (atomically) only once a run has tested, so its presence means
+    the run finished. A column the run lacks is a metric its method does not log (HAG-MIL's
+    recall on a finest-level baseline): the cell stays empty and the run is not redone. A
+    column added by a new callback is a config change, so those runs are redone anyway."""
     p = run_dir / "metrics.json"
     if not p.exists():
         return None
-    m = json.loads(p.read_text())["metrics"]
-    if not all(k in m for k in metrics):
+    try:
+        m = json.loads(p.read_text())["metrics"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        log.warning("%s: unreadable metrics.json; running it again", run_dir)
         return None
+    missing = [k for k in metrics if k not in m]
+    if missing:
+        log.info("%s does not log %s (the cells stay empty)", run_dir, ", ".join(missing))
     saved = run_dir / "config.resolved.yaml"
     changed = _changed_keys(yaml.safe_load(saved.read_text()) if saved.exists() else {},
                             OmegaConf.to_container(cfg, resolve=True))

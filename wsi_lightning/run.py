@@ -127,10 +127,18 @@ def _finish_wandb(trainer: L.Trainer) -> None:
             lg.experiment.finish()
 
 
+def _write_json(path: Path, payload: dict) -> None:
+    """Write JSON atomically (temporary file + ``os.replace``): a reader, e.g. ``reproduce``
+    deciding whether a run finished, sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
 def _write_metrics(result: RunResult, cfg: DictConfig) -> None:
     payload = {"experiment": str(cfg.name), "demo_data": bool(cfg.data.is_demo),
                "best_checkpoint": result.best_checkpoint, "metrics": result.metrics}
-    (result.run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    _write_json(result.run_dir / "metrics.json", payload)
     report_metrics(result)
 
 
@@ -202,6 +210,6 @@ def attribute(run_dir: str | Path, ckpt: str = "best", options: dict | None = No
     if mpath.exists():
         payload = json.loads(mpath.read_text())
         payload["metrics"].update(metrics)
-        mpath.write_text(json.dumps(payload, indent=2))
+        _write_json(mpath, payload)
     report_metrics(RunResult(run_dir, metrics, str(ckpt_path)))
     return metrics
