@@ -34,7 +34,7 @@ exp: $(STAMP)  ## run an experiment: make exp EXP=abmil [ARGS="trainer.max_epoch
 demo-data: $(STAMP)  ## generate the built-in synthetic demo slides
 	$(VENV)/bin/wsi demo-data $(ARGS)
 
-bench: $(STAMP)  ## benchmarks: tile reading, bag loading, extraction (bench/results/*.json)
+bench: $(STAMP)  ## benchmarks (bench/results/*.json): make bench [ARGS="--quick --only sampling --results DIR"]
 	$(PY) -m bench $(ARGS)
 
 reproduce: $(STAMP)  ## paper tables: make reproduce [TABLE=interpretability] [DATA=demo|camelyon16]

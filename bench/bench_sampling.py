@@ -112,6 +112,7 @@ def _time_loader(dm: SlideSamplingDataModule, step, device: torch.device, epochs
     loader = dm.train_dataloader()
     waits, computes = [], []
     for epoch in range(epochs + 1):
+        loader.sampler.set_epoch(epoch)  # as Lightning does: fresh draws each epoch, not re-reads
         it = iter(loader)
         while True:
             t0 = time.perf_counter()

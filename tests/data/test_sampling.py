@@ -280,7 +280,8 @@ def test_patch_mode_shapes_and_determinism(manifest_csv):
     assert tissue[centres[:, 1], centres[:, 0]].mean() >= 0.75
     again = patch_ds(manifest_csv)[0]
     assert torch.equal(a["image"], again["image"]) and torch.equal(a["coords"], again["coords"])
-    assert not torch.equal(a["coords"], ds[0]["coords"])  # training: a fresh draw per visit
+    assert torch.equal(a["coords"], ds[0]["coords"])  # the same epoch: the same draw, in any worker
+    assert not torch.equal(a["coords"], ds[(0, 1)]["coords"])  # training: a fresh draw per epoch
     ev = patch_ds(manifest_csv, train=False)
     assert torch.equal(ev[1]["coords"], ev[1]["coords"])  # evaluation: the same patches
     assert not torch.equal(patch_ds(manifest_csv, seed=4)[0]["coords"], a["coords"])

@@ -13,8 +13,14 @@ back into (N, S, D) and offers the views the CS-MIL baselines need (``mode``):
 
 CS-MIL's bag sampling (``methods.md`` 3.5) is :class:`ClusterSampling`: per-slide K-means
 phenotypes, a per-cluster draw with replacement, one masked placeholder per empty cluster, a
-fresh bag per visit; at test time ``test_bags`` random bags per slide whose probabilities the
+fresh bag per epoch; at test time ``test_bags`` random bags per slide whose probabilities the
 module averages (MILModule groups rows of a batch that share a slide id).
+
+Randomness: a training bag of slide i at epoch e is drawn from ``(seed, i, e)`` (the training
+sampler yields ``(i, e)`` keys, see :class:`~wsi_lightning.data.sampling.EpochKeys`), evaluation
+bags from ``(seed, i)``; the K-means phenotypes are a function of the slide's features alone
+(fixed ``random_state``, one thread). So bags do not depend on ``num_workers`` or on which
+worker clustered a slide first.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from wsi_lightning.data.bags import BagDataModule, BagDataset
 from wsi_lightning.data.batch import Bag, collate_bags
+from wsi_lightning.data.sampling import epoch_sampler, index_and_epoch
 from wsi_lightning.errors import ConfigError, StoreError
 from wsi_lightning.registry import DATAMODULES
 
@@ -53,13 +61,20 @@ class ClusterSampling:
     var_len: float = 1.0
 
     def clusters(self, feats: np.ndarray) -> np.ndarray:
-        """(N, D) -> (N,) cluster id (fewer than k tiles: one cluster per tile)."""
+        """(N, D) -> (N,) cluster id (fewer than k tiles: one cluster per tile).
+
+        One thread: K-means adds per-thread partial sums in the order the threads finish, so
+        with several the centres (and an occasional label) could differ from one process to
+        the next; with one, the result depends on the features only.
+        """
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
 
         n = len(feats)
         if n <= self.k:
             return np.arange(n)
-        return KMeans(self.k, random_state=0, n_init=1).fit_predict(feats.astype(np.float32))
+        with threadpool_limits(limits=1):
+            return KMeans(self.k, random_state=0, n_init=1).fit_predict(feats.astype(np.float32))
 
     def draw(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Row indices of one bag; -1 marks the placeholder of an empty cluster."""
@@ -93,13 +108,30 @@ def scale_view(x: torch.Tensor, mode: str, scale: int = 0) -> torch.Tensor:
 
 
 class MultiScaleBagDataset(BagDataset):
-    """Bags of one split, with scale views, optional cluster sampling and test-time repeats."""
+    """Bags of one split, with scale views, optional cluster sampling and test-time repeats.
+
+    Indexed by ``i`` or ``(i, epoch)`` (the training sampler's keys); a plain ``i`` uses
+    :attr:`epoch` (:meth:`set_epoch`). Training bags are drawn from ``(seed, i, epoch)``,
+    evaluation bags (``train=False``) from ``(seed, i)``: the same R bags every epoch.
+    """
 
     def __init__(self, *args, mode: str = "stack", scale: int = 0, sampling: ClusterSampling | None = None,
-                 repeats: int = 1, seed: int = 0, **kwargs) -> None:
+                 repeats: int = 1, seed: int = 0, train: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mode, self.scale, self.sampling, self.repeats = mode, scale, sampling, repeats
-        self.seed, self._clusters, self._visits = seed, {}, 0
+        self.seed, self.train, self.epoch = seed, train, 0
+        self._clusters: dict[str, np.ndarray] = {}  # slide id -> (N,) cluster ids, per process
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain-index reads in this process (workers get ``(i, epoch)`` keys)."""
+        self.epoch = int(epoch)
+
+    def clusters(self, sid: str, x: torch.Tensor) -> np.ndarray:
+        """(N,) phenotype cluster of each row of slide `sid` ((N, S, D) features `x`), computed
+        once per process; the same in every process (:meth:`ClusterSampling.clusters`)."""
+        if sid not in self._clusters:
+            self._clusters[sid] = self.sampling.clusters(x[:, self.sampling.cluster_scale].numpy())
+        return self._clusters[sid]
 
     def _scales(self, sid: str) -> int:
         s = int(self.store.attrs(sid).get("scales") or 0)
@@ -123,18 +155,14 @@ class MultiScaleBagDataset(BagDataset):
             mask, coords = mask.repeat_interleave(s), coords.repeat_interleave(s, 0)
         return {"features": view, "valid": mask, "coords": coords}
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = index_and_epoch(key, self.epoch)
         sid = self.slide_ids[i]
         feats, coords = self.read(sid)  # (N, S*D), (N, 2)
         x = torch.from_numpy(feats).float().view(len(feats), self._scales(sid), -1)  # (N, S, D)
-        labels = None
-        if self.sampling is not None:
-            if sid not in self._clusters:
-                self._clusters[sid] = self.sampling.clusters(x[:, self.sampling.cluster_scale].numpy())
-            labels = self._clusters[sid]
-        self._visits += 1
-        # training: a fresh bag per visit; evaluation: the same R bags every epoch
-        rng = np.random.default_rng([self.seed, i, self._visits if self.repeats == 1 else 0])
+        labels = None if self.sampling is None else self.clusters(sid, x)
+        # training: a fresh bag per epoch; evaluation: the same R bags every epoch
+        rng = np.random.default_rng([self.seed, i, epoch + 1] if self.train else [self.seed, i, 0])
         meta = {"slide_id": sid, "labels": {t: lab[sid] for t, lab in self.labels.items()}}
         items = [{**self._bag(x, torch.from_numpy(coords), labels, rng), **meta} for _ in range(self.repeats)]
         return items[0] if self.repeats == 1 else {"repeats": items}
@@ -156,7 +184,8 @@ class MultiScaleBagDataModule(BagDataModule):
         scale: the scale of ``select``.
         sampling: cluster-stratified bags (CS-MIL); None uses whole bags.
         test_bags: random bags per slide at validation / test time (averaged); 1 = one bag.
-        seed: sampling seed.
+        seed: sampling seed; a training bag of slide i at epoch e is drawn from (seed, i, e), the
+            epoch reaching every DataLoader worker through the training sampler's keys.
     """
 
     def __init__(self, *args, mode: str = "stack", scale: int = 0, sampling: ClusterSampling | None = None,
@@ -181,9 +210,21 @@ class MultiScaleBagDataModule(BagDataModule):
             repeats = self.test_bags if (name != "train" and self.sampling is not None) else 1
             self.datasets[name] = MultiScaleBagDataset(
                 ds.store, ds.slide_ids, ds.labels, max_bag_size=ds.max_bag_size, scaler=ds.scaler, mode=self.mode,
-                scale=self.scale, sampling=self.sampling, repeats=repeats, seed=self.seed)
+                scale=self.scale, sampling=self.sampling, repeats=repeats, seed=self.seed, train=name == "train")
 
     collate = staticmethod(collate_multiscale)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training: a sampler of ``(index, epoch)`` keys (the epoch reaches every worker);
+        evaluation: :class:`BagDataModule`'s loaders."""
+        if not shuffle:
+            return super()._loader(split, shuffle)
+        ds = self.datasets[split]
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = epoch_sampler(ds, world, rank, int(self.split_cfg.get("seed", 0)))
+        return DataLoader(ds, batch_size=self._batch_size(split), sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _batch_size(self, split: str) -> int:
         return 1 if self.datasets[split].repeats > 1 else self.batch_size  # one slide's R bags a batch

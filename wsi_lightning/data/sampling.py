@@ -15,7 +15,9 @@ training, at a resolution that depends on what they look at:
     read_frames         MagNets' I' reads: square level-0 frames rendered from the level their
                         size chooses, black outside their content (4.3 step 6);
     SlideSamplingDataModule  the two datasets with the manifest / split / DDP conventions of
-                        :class:`~wsi_lightning.data.bags.BagDataModule`.
+                        :class:`~wsi_lightning.data.bags.BagDataModule`;
+    EpochRandomSampler  training samplers of ``(index, epoch)`` keys, so that every draw is
+                        seeded by ``(seed, slide, epoch)`` in whichever worker reads it.
 
 Level choice. A box of ``w x h`` level-0 pixels rendered at ``W x H`` output pixels needs
 ``r = min(w / W, h / H)`` level-0 pixels per output pixel on its finer axis. We read the
@@ -40,7 +42,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from wsi_lightning.data.bags import UnpaddedDistributedSampler
 from wsi_lightning.data.batch import Bag
@@ -353,6 +355,51 @@ def read_frames(reader: SlideReader, frames: np.ndarray, contents: np.ndarray, s
     return out, levels, read_px
 
 
+# ----------------------------------------------------------------------------- epoch keys
+def index_and_epoch(key: int | tuple[int, int], epoch: int) -> tuple[int, int]:
+    """``(i, epoch)`` of a dataset key: an index, or an ``(index, epoch)`` pair."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), int(epoch)
+
+
+class EpochKeys:
+    """Mixin for an index sampler: yields ``(index, epoch)`` pairs instead of indices.
+
+    DataLoader workers (persistent ones included) hold copies of the dataset made when they
+    started, so an epoch set on the dataset in the main process never reaches them; the
+    sampler runs in the main process and its indices are sent to the workers, so the epoch
+    travels with each index. Lightning calls ``set_epoch`` on the training loader's sampler at
+    the start of every epoch (resumed runs included), before the epoch's batches are fetched.
+    """
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch  # fixed when the epoch's iterator is made
+        return ((int(i), epoch) for i in super().__iter__())
+
+
+class EpochRandomSampler(EpochKeys, RandomSampler):
+    """A shuffling sampler (torch's global RNG, as ``shuffle=True``) of ``(index, epoch)``."""
+
+
+class EpochDistributedSampler(EpochKeys, DistributedSampler):
+    """``DistributedSampler`` (shuffled by ``seed`` + epoch) of ``(index, epoch)`` pairs."""
+
+
+def epoch_sampler(dataset: Dataset, world: int = 1, rank: int = 0,
+                  seed: int = 0) -> EpochRandomSampler | EpochDistributedSampler:
+    """The training sampler of a dataset whose draws are seeded by ``(seed, index, epoch)``:
+    a shuffle of every index on one process, this rank's shuffled share under DDP."""
+    if world > 1:
+        return EpochDistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+    return EpochRandomSampler(dataset)
+
+
 # ----------------------------------------------------------------------------- datasets
 @dataclass(frozen=True)
 class SlideRef:
@@ -385,7 +432,13 @@ def slide_refs(manifest: Manifest) -> dict[str, SlideRef]:
 
 class _SlideDataset(Dataset):
     """Slides of one split, opened lazily: the ``SlideCache`` forgets inherited readers after a
-    fork and pickles empty, so each DataLoader worker opens its own handles on first use."""
+    fork and pickles empty, so each DataLoader worker opens its own handles on first use.
+
+    Indexed by ``i`` or by ``(i, epoch)`` (what :class:`EpochRandomSampler` yields); a plain
+    ``i`` uses :attr:`epoch` (:meth:`set_epoch`). Every draw is seeded from ``(seed, i, epoch)``
+    when training and from ``(seed, i)`` otherwise, so it does not depend on which process
+    reads the item, nor on ``num_workers``.
+    """
 
     def __init__(self, slides: Sequence[SlideRef], labels: dict[str, dict[str, int]],
                  train: bool = False, augment: bool = True, seed: int = 0,
@@ -394,22 +447,26 @@ class _SlideDataset(Dataset):
         self.slides, self.labels, self.train = list(slides), labels, train
         self.augment, self.seed, self.grey, self.resample = augment, seed, grey, resample
         self._slides = SlideCache(max_open=max_open, backend=backend)
-        self._visits: dict[int, int] = {}
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.slides)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain-index reads in this process (a worker keeps its own copy: loaders
+        pass ``(i, epoch)`` keys instead)."""
+        self.epoch = int(epoch)
 
     def reader(self, i: int) -> SlideReader:
         """The open reader of slide `i` (this process's handle)."""
         ref = self.slides[i]
         return self._slides.get(ref.path, mpp=ref.mpp)
 
-    def _rng(self, i: int) -> np.random.Generator:
-        """Training: fresh draws at each visit of a slide; evaluation: the same every epoch."""
+    def _rng(self, i: int, epoch: int) -> np.random.Generator:
+        """Training: a fresh draw of slide `i` each epoch; evaluation: the same every epoch."""
         if not self.train:
             return np.random.default_rng([self.seed, i])
-        self._visits[i] = self._visits.get(i, 0) + 1
-        return np.random.default_rng([self.seed, i, self._visits[i]])
+        return np.random.default_rng([self.seed, i, epoch + 1])
 
     def _draw_aug(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """(n, 3) int64 (k, hflip, vflip) of :func:`dihedral`; zeros unless training + augment."""
@@ -417,10 +474,11 @@ class _SlideDataset(Dataset):
             return np.zeros((n, 3), np.int64)
         return np.stack([rng.integers(0, 4, n), rng.integers(0, 2, n), rng.integers(0, 2, n)], 1)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = index_and_epoch(key, self.epoch)
         ref = self.slides[i]
         try:
-            item = self._item(i, self.reader(i), self._rng(i))
+            item = self._item(i, self.reader(i), self._rng(i, epoch))
         except SlideError as err:  # NoTissueError included: name the manifest row
             raise type(err)(f"{ref.where}: {err}") from err
         return {**item, "slide_id": ref.slide_id,
@@ -495,9 +553,10 @@ class TissuePatchDataset(_SlideDataset):
         self.tissue_cache = None if tissue_cache is None else Path(tissue_cache)
         self._tissue: dict[str, TissuePositions] = {}
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         if self.draws == 1:
-            return super().__getitem__(i)
+            return super().__getitem__(key)
+        i, _ = index_and_epoch(key, self.epoch)
         ref, reader = self.slides[i], self.reader(i)
         labels = {t: lab[ref.slide_id] for t, lab in self.labels.items()}
         try:  # draw r of slide i is the same at every epoch
@@ -717,7 +776,7 @@ class SlideSamplingDataModule(L.LightningDataModule):
         prefetch_factor: batches each worker reads ahead (with workers only).
         n_patches, patch_size, patch_mpp, min_tissue: patches mode (:class:`TissuePatchDataset`).
         image_size: slide mode: side(s) of the whole-slide image (:class:`SlideImageDataset`);
-            batches are :class:`SlideBatch` (patches mode: dicts of stacked tensors).
+            batches are :class:`SlideBatch` (patches mode: :class:`Bag` of images).
         augment: random flips and 90-degree rotations when training.
         grey: grey filter applied to every image (MagNets), or None.
         tissue: keyword arguments of ``segment_tissue`` (patches mode).
@@ -726,6 +785,10 @@ class SlideSamplingDataModule(L.LightningDataModule):
         backend, max_open: ``SlideCache`` settings of each process.
         resample: resize filter of :class:`RegionSampler`.
         seed: sampling / augmentation seed (and the DDP shuffle seed when ``split`` has none).
+            A training draw of slide i at epoch e is seeded by ``(seed, i, e)``: the training
+            sampler yields ``(i, e)`` keys (:class:`EpochKeys`) and Lightning sets its epoch,
+            so draws are the same for any ``num_workers`` (persistent workers included) and
+            differ between epochs. Outside a Trainer, call ``loader.sampler.set_epoch(e)``.
         test_draws: patches mode: random draws of ``n_patches`` per slide at validation / test
             (fixed across epochs); the method averages their predictions.
         prepare: called by ``prepare_data()`` first (e.g. writing the demo slides).
@@ -821,14 +884,13 @@ class SlideSamplingDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler: Sampler | None = None
-        if world > 1:
-            seed = int(self.split_cfg.get("seed", self.seed))
-            sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=seed) if shuffle
-                       else UnpaddedDistributedSampler(len(ds), rank, world))
+        if shuffle:  # (index, epoch) keys: the epoch reaches the workers
+            sampler = epoch_sampler(ds, world, rank, int(self.split_cfg.get("seed", self.seed)))
+        elif world > 1:
+            sampler = UnpaddedDistributedSampler(len(ds), rank, world)
         workers = self.num_workers > 0
         draws = getattr(ds, "draws", 1)
         return DataLoader(ds, batch_size=self.batch_size if draws == 1 else 1,  # R draws of one slide a batch
-                          shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate_slides if self.mode == "slide" else collate_patches,
                           prefetch_factor=self.prefetch_factor if workers else None,

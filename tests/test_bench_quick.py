@@ -1,0 +1,70 @@
+"""``make bench``: the entry point keeps going past a failed benchmark, and every benchmark runs.
+
+The whole ``python -m bench --quick`` (what ``make bench ARGS=--quick`` runs) takes ~8 min on a
+2-core CPU, so it is marked slow (``make test-all``); the fast tests check the entry point with
+stand-in benchmarks and the slide-sampling benchmark (where ``make bench`` once crashed on the
+batch type) on tiny slides.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench.__main__ as bench_main
+from bench import bench_sampling
+from tests.conftest import REPO
+
+
+def fake_run(key: str, cache: Path, quick: bool) -> dict:
+    if key == "bags":
+        raise RuntimeError("bags exploded")
+    return {"name": f"fake_{key}", "ratios": {"speed": 2.0}, "targets": {"speed": 1.5}}
+
+
+def test_a_failed_benchmark_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_main, "_run_one", fake_run)
+    rc = bench_main.main(["--only", "tiles,bags,hag_mil", "--cache", str(tmp_path / "cache"),
+                          "--results", str(tmp_path / "results")])
+    assert rc == 1  # a failure makes the run fail, at the end
+    out = capsys.readouterr().out
+    # each benchmark's rows are printed as it finishes, before the next one starts
+    assert out.index("fake_tiles") < out.index("FAILED") < out.index("fake_hag_mil")
+    record = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert [r["name"] for r in record["results"]] == ["fake_tiles", "fake_hag_mil"]
+    assert record["failed"][0]["benchmark"] == "bags" and "bags exploded" in record["failed"][0]["error"]
+    assert len(list((tmp_path / "results").glob("bench-*.json"))) == 1
+
+
+def test_unknown_benchmark_names_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_main.main(["--only", "tiles,nope", "--results", str(tmp_path)])
+    assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_sampling_bench_on_tiny_slides(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_sampling.SLIDES, "size_px", 1024)
+    monkeypatch.setitem(bench_sampling.SLIDES, "n_files", 2)
+    monkeypatch.setitem(bench_sampling.SLIDES, "n_levels", 3)
+    monkeypatch.setattr(bench_sampling, "PATCHES", {**bench_sampling.PATCHES, "n_patches": 2, "patch_size": 32})
+    res = bench_sampling.run(tmp_path, quick=True, workers=1)
+    assert res["loaders"]["inline"]["steps"] == res["loaders"]["workers_1"]["steps"] == 8  # 16 slides, 2 a batch
+    assert set(res["ratios"]) == {"compute_fraction", "workers_speedup"}
+
+
+@pytest.mark.slow
+def test_make_bench_quick(tmp_path):
+    """``make bench ARGS=--quick`` end to end, its data and results under tmp_path (~8 min)."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--cache", str(tmp_path / "cache"),
+                           "--results", str(tmp_path / "results")],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert not record["failed"] and record["meta"]["quick"]
+    assert [r["name"] for r in record["results"]] == ["tile_reading", "bag_loading", "extraction",
+                                                      "slide_sampling", "hag_mil_cascade"]
+    assert all(r["ratios"] for r in record["results"])
