@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,49 @@ def test_demo_folders_differ_by_task_size_and_seed(tmp_path):
     assert demo_folder("d", "multiscale", 200, 3) == Path("d/demo-multiscale-n200-seed3")
     cfg = config.load("cs_mil", ["data.demo.n_slides=200", f"data.root={tmp_path}"])
     assert demo_dir(cfg) == tmp_path / "demo-multiscale-n200"
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("trainer.max_epochs=abc", "trainer.max_epochs", "an integer"),
+    ("trainer.max_epochs=2.5", "trainer.max_epochs", "an integer"),
+    ("optim.lr=abc", "optim.lr", "a number"),
+    ("data.standardize=1", "data.standardize", "true/false"),
+    ("tiling.multiscale.context=4", "tiling.multiscale.context", "a list"),
+    ("method.embed_dim=abc", "method.embed_dim", "an integer"),
+    ("method.gated=yes please", "method.gated", "true/false"),
+])
+def test_wrong_types_fail_at_load_naming_key_value_and_type(override: str, key: str, expected: str):
+    """Used to fail only after data preparation, with a raw ValueError."""
+    from wsi_lightning import build
+
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}' = .*expected {expected}"):
+        build.method_kwargs(config.load("abmil", [override]))
+
+
+def test_types_that_keys_legitimately_take_pass():
+    from wsi_lightning import build
+
+    for o in ["trainer.devices=2", "trainer.devices=auto", "trainer.precision=16", "optim.lr=1",
+              "data.split.fold=2", "monitor.patience=3", "data.max_bag_size=100"]:
+        build.method_kwargs(config.load("abmil", [o]))
+    build.method_kwargs(config.load("magnet_3layer", ["method.grey_tol=null", "method.patches=[2, 2]",
+                                                      "method.tanh_on=expectation"]))
+
+
+def test_callback_argument_types_are_checked(tmp_path: Path):
+    from wsi_lightning import build
+
+    cfg = config.load("abmil", ["callbacks=[{name: attention_logger, max_slides: abc}]"])
+    with pytest.raises(ConfigError, match=r"max_slides.*'abc'.*expected an integer or null"):
+        build.build_callbacks(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("method:\n  name: abmil\n  embed_dim: [1, 2\n", "not valid YAML"),
+    ("method: !!python/object/apply:os.system ['echo pwned']\n", "no !!python tags"),
+])
+def test_yaml_errors_and_python_tags_are_named_config_errors(tmp_path: Path, text: str, fragment: str):
+    exp = tmp_path / "bad.yaml"
+    exp.write_text(text)
+    with pytest.raises(ConfigError, match=rf"bad.yaml.*{re.escape(fragment)}"):
+        config.load(str(exp))

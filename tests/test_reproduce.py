@@ -67,6 +67,12 @@ def test_table_end_to_end_and_resume(bag_data: Path, tmp_path: Path):
     reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "runs", results=tmp_path / "results")
     redone = [p.stat().st_mtime_ns != s for p, s in zip(runs, stamps, strict=True)]
     assert redone == ["Mean_pool" in str(p) for p in runs]
+    # a row interrupted mid-fit (a last.ckpt, no metrics.json) continues in its folder
+    interrupted = runs[0].parent
+    (interrupted / "metrics.json").unlink()
+    (interrupted / "marker").write_text("kept")
+    reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "runs", results=tmp_path / "results")
+    assert (interrupted / "marker").exists() and (interrupted / "metrics.json").exists()
 
 
 def test_spec_errors(bag_data: Path, tmp_path: Path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -96,8 +97,23 @@ def test_ddp_two_processes_cover_every_slide_once(bag_data: Path, tmp_path: Path
         assert sorted(pred["slide_id"]) == splits[stage]
     pred = pd.read_csv(run_dir / "test_predictions.csv")
     auc = roc_auc_score(pred["label"] == "class1", pred["prob_class1"])
-    logged = json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/auroc"]
-    assert logged == pytest.approx(auc, abs=1e-4)
+    logged = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert logged["test/auroc"] == pytest.approx(auc, abs=1e-4)
+    # every loss and metric is the value over all slides: the same checkpoint tested in one
+    # process gives the same numbers (val/test losses used to be rank 0's share alone)
+    one = run.test(run_dir, overrides=["trainer.devices=1", "trainer.strategy=auto"]).metrics
+    assert "test/loss" in logged and "test/loss_task" in logged
+    assert logged.keys() == one.keys()
+    for k, v in one.items():
+        assert logged[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    # val/loss (the checkpoint monitor) over the uneven 4 + 3 shard of the 7 validation slides:
+    # the mean cross-entropy of the last epoch's written predictions
+    assert len(splits["val"]) == 7
+    val = pd.read_csv(run_dir / "val_predictions.csv")
+    p_true = [row[f"prob_{row['label']}"] for _, row in val.iterrows()]
+    ce = float(-np.log(np.asarray(p_true)).mean())
+    hist = pd.read_csv(run_dir / "logs" / "metrics.csv").dropna(subset=["val/loss"])
+    assert float(hist["val/loss"].iloc[-1]) == pytest.approx(ce, rel=1e-4)
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Path, monkeypatch):

@@ -6,6 +6,7 @@ never written in a method's YAML.
 
 from __future__ import annotations
 
+import csv
 import inspect
 import logging
 from functools import partial
@@ -13,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter as CSVExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
-from wsi_lightning.config import to_dict
+from wsi_lightning.config import allowed_types, check_value, to_dict
 from wsi_lightning.errors import ConfigError
 from wsi_lightning.registry import CALLBACKS, METHODS
 
@@ -76,7 +80,7 @@ def store_path(cfg: DictConfig) -> Path:
 def build_datamodule(cfg: DictConfig) -> Any:
     from wsi_lightning.data.bags import BagDataModule
     from wsi_lightning.data.manifest import check_slide_files, load_manifest
-    from wsi_lightning.features.extract import extract_features
+    from wsi_lightning.features.extract import expected_provenance, extract_features
     from wsi_lightning.features.store import FeatureStore
 
     targets = list(cfg.data.tag_cols) if cfg.data.task == "multitag" else [cfg.data.label_col]
@@ -89,6 +93,9 @@ def build_datamodule(cfg: DictConfig) -> Any:
     if kind in ("slide", "patches"):
         return _sampling_datamodule(cfg, manifest, kind)
     store = store_path(cfg)
+    # a store made with another backbone / weights / tiling is refused, not silently reused
+    FeatureStore(store).check_provenance(expected_provenance(to_dict(cfg.tiling), to_dict(cfg.features)),
+                                         accept_mismatch=bool(cfg.features.accept_store_mismatch))
     if not cfg.features.skip_errors:
         check_slide_files(manifest, skip=set(FeatureStore(store).complete_slides()))
     feats = dict(to_dict(cfg.features))
@@ -165,7 +172,59 @@ def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in m]
     if missing:
         raise ConfigError(f"method '{name}' needs config key(s) {['method.' + k for k in missing]}")
+    params = {} if cls is PatchBaseline else _signature_params(cls)
+    for k, v in m.items():
+        check_value(f"method.{k}", v, _param_types(params.get(k), valid[k]))
     return cls, m
+
+
+_ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+    "list": (list,), "tuple": (list,), "Sequence": (list,), "dict": (dict,), "Mapping": (dict,), "Literal": (str,),
+}
+
+
+def _signature_params(cls: type) -> dict[str, inspect.Parameter]:
+    """The ``inspect.Parameter`` of every configurable argument of a method (net + module)."""
+    from wsi_lightning.methods.base import MILModule
+
+    out = dict(inspect.signature(cls.Net.__init__).parameters)
+    for klass in cls.__mro__:
+        if klass is MILModule or not issubclass(klass, MILModule):
+            break
+        for n, prm in inspect.signature(klass.__init__).parameters.items():
+            out.setdefault(n, prm)
+    return out
+
+
+def _param_types(param: inspect.Parameter | None, default: Any) -> tuple[type, ...] | None:
+    """The types a method argument accepts, from its annotation (``int | None``,
+    ``Sequence[int]``, ``Literal[...]``...), else from its default; None: unchecked."""
+    import re
+
+    ann = param.annotation if param is not None else inspect.Parameter.empty
+    if isinstance(ann, str) and ann:
+        names = [re.split(r"\[", part.strip())[0].split(".")[-1] for part in _top_level_union(ann)]
+        if all(n in _ANNOTATION_TYPES for n in names):
+            return tuple(t for n in names for t in _ANNOTATION_TYPES[n])
+        return None  # Any, a class, a callable...: not checked here
+    if isinstance(default, tuple):
+        return (list,)
+    return None if default is inspect.Parameter.empty else allowed_types(default)
+
+
+def _top_level_union(ann: str) -> list[str]:
+    """``"int | Sequence[int | str] | None"`` -> ``["int", "Sequence[int | str]", "None"]``."""
+    parts, depth, cur = [], 0, ""
+    for ch in ann:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*parts, cur]
 
 
 def build_method(cfg: DictConfig, in_dim: int, num_classes: dict[str, int],
@@ -181,11 +240,19 @@ def build_method(cfg: DictConfig, in_dim: int, num_classes: dict[str, int],
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from wsi_lightning.callbacks.resume import RNGState
+
     import_registered()
     mon = cfg.monitor
     cbs: list[L.Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=mon.metric,
-                        mode=mon.mode, save_last=True, auto_insert_metric_name=False),
+                        mode=mon.mode, auto_insert_metric_name=False),
+        # last.ckpt: every epoch, whether or not the monitor improved (the resume point; with
+        # save_last=True on the monitored checkpoint it was refreshed only on improvements).
+        # It comes after best: the state it saves knows this epoch's best.
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                        every_n_epochs=1, enable_version_counter=False, auto_insert_metric_name=False),
+        RNGState(),
     ]
     if mon.patience:
         cbs.append(EarlyStopping(monitor=mon.metric, mode=mon.mode, patience=int(mon.patience)))
@@ -199,24 +266,74 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         if unknown:
             valid = sorted(k for k in params if k != "self")
             raise ConfigError(f"unknown key(s) {unknown} for callbacks[{i}] ({entry['name']}); valid keys: {valid}")
+        for k, v in kw.items():
+            check_value(f"callbacks[{i}].{k} ({entry['name']})", v, _param_types(params[k], params[k].default))
         cbs.append(cls(**kw))
     return cbs
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger
-
     loggers: list[Any] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="logs"))
+        loggers.append(_AppendingCSVLogger(save_dir=str(run_dir), name="", version="logs"))
     w = cfg.logger.wandb
     if w.enabled and w.mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
         loggers.append(WandbLogger(project=w.project, entity=w.entity, name=f"{cfg.name}/{run_dir.name}",
                                    save_dir=str(run_dir), offline=w.mode == "offline",
-                                   tags=list(w.tags), config=to_dict(cfg)))
+                                   tags=list(w.tags), config=to_dict(cfg), id=wandb_run_id(run_dir),
+                                   resume="allow"))
     return loggers
+
+
+class _AppendingWriter(CSVExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):  # keep it; new rows go under its header
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class _AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that it appends to an existing ``logs/metrics.csv`` (a
+    resumed fit) where Lightning's deletes it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def trim_metrics_csv(run_dir: Path, last_epoch: int) -> None:
+    """Drop the rows a killed fit logged after its last checkpointed epoch (the resumed fit
+    logs those epochs again), atomically."""
+    import pandas as pd
+
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.exists():
+        return
+    m = pd.read_csv(path)
+    if "epoch" in m:
+        tmp = path.with_name(".metrics.csv.tmp")
+        m[~(m["epoch"] > last_epoch)].to_csv(tmp, index=False)
+        tmp.replace(path)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run folder (``wandb-id.txt``), made on its first fit: a resumed fit
+    logs into the same W&B run."""
+    path = run_dir / "wandb-id.txt"
+    if path.exists():
+        return path.read_text().strip()
+    import secrets
+
+    run_id = secrets.token_hex(4)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer:

@@ -6,8 +6,8 @@ each command so that ``wsi --help`` answers at once.
     wsi tile MANIFEST [--out DIR] [key=value ...] [--skip-errors]
     wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors]
     wsi import-features FILES... --store DIR [--format auto|clam_h5|trident_h5|clam_pt] [--coords-dir DIR]
-    wsi fit EXP [key=value ...]
-    wsi test RUN_DIR [--ckpt best|last]
+    wsi fit EXP [key=value ...] [--resume RUN_DIR]
+    wsi test RUN_DIR [--ckpt best|last|PATH]
     wsi attribute RUN_DIR [option=value ...]
     wsi manifest camelyon16 ROOT [--out FILE]
     wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2]
@@ -97,7 +97,9 @@ def cmd_tile(args: argparse.Namespace) -> int:
     from wsi_lightning.features.extract import plan_manifest
 
     cfg = _cfg_for_manifest(args)
-    m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols))
+    # --skip-errors: a missing slide file is recorded and skipped like any other failing slide
+    m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols),
+                      check_files=not args.skip_errors)
     out = Path(args.out) if args.out else Path(cfg.data.root) / "tiles"
     plans, report = plan_manifest(m, to_dict(cfg.tiling), out, skip_errors=args.skip_errors)
     n = sum(len(p.coords) for p in plans)
@@ -111,14 +113,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from wsi_lightning import build
     from wsi_lightning.config import to_dict
     from wsi_lightning.data.manifest import load_manifest
-    from wsi_lightning.features.extract import extract_features
+    from wsi_lightning.features.extract import ErrorReport, extract_features
     from wsi_lightning.features.store import FeatureStore
 
     cfg = _cfg_for_manifest(args)
-    m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols))
+    m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols),
+                      check_files=not args.skip_errors)
     store = FeatureStore(build.store_path(cfg))
-    done = extract_features(m, store, to_dict(cfg.tiling), to_dict(cfg.features), skip_errors=args.skip_errors)
-    log.info("extracted %d slide(s) into %s (%d complete in total)", len(done), store.root, len(store.complete_slides()))
+    report = ErrorReport(store.root / "errors.csv")
+    done = extract_features(m, store, to_dict(cfg.tiling), to_dict(cfg.features), skip_errors=args.skip_errors,
+                            report=report)
+    failed = f"; {len(report.rows)} slide(s) failed, listed in {report.path}" if report.rows else "; none failed"
+    log.info("extracted %d slide(s) into %s (%d complete in total)%s", len(done), store.root,
+             len(store.complete_slides()), failed)
     return 0
 
 
@@ -136,6 +143,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from wsi_lightning import config, run
 
+    if args.resume:
+        run.resume(args.resume, args.overrides, exp=args.exp)
+        return 0
     cfg = config.load(args.exp, args.overrides)
     run.fit(cfg)
     return 0
@@ -230,12 +240,14 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fit", help="train + test an experiment: wsi fit abmil trainer.max_epochs=5")
     s.add_argument("exp", help="experiment name (experiments/<name>.yaml) or a YAML path")
     s.add_argument("overrides", nargs="*")
+    s.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted fit in its folder from its last finished epoch")
     s.set_defaults(func=cmd_fit)
 
-    s = sub.add_parser("test", help="test a finished run folder")
+    s = sub.add_parser("test", help="test a run folder again; outputs go to RUN_DIR/test-<ckpt>/")
     s.add_argument("run_dir")
     s.add_argument("overrides", nargs="*")
-    s.add_argument("--ckpt", default="best", choices=["best", "last"])
+    s.add_argument("--ckpt", default="best", help="best (default), last, or a .ckpt file")
     s.set_defaults(func=cmd_test)
 
     s = sub.add_parser("reproduce", help="run a paper table spec (experiments/tables/) and write results/")
@@ -265,7 +277,7 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("attribute", help="feature attribution + heat-maps of a finished run (CHOWDER / attention MIL)")
     s.add_argument("run_dir")
     s.add_argument("overrides", nargs="*", help="FeatureAttribution options, e.g. top_features=7 tile_rule=overlap")
-    s.add_argument("--ckpt", default="best", choices=["best", "last"])
+    s.add_argument("--ckpt", default="best", help="best (default), last, or a .ckpt file")
     s.set_defaults(func=cmd_attribute)
     return p
 
@@ -288,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     except KeyboardInterrupt:
-        log.error("interrupted; completed slides/checkpoints are kept, rerun to resume")
+        log.error("interrupted; finished slides and epochs are kept: rerun the command to resume "
+                  "extraction, wsi fit EXP --resume RUN_DIR to resume training")
         return 130
 
 

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -36,6 +37,9 @@ def list_experiments(root: Path | None = None) -> list[str]:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:  # syntax errors, and tags such as !!python/... (never executed)
+        raise ConfigError(f"cannot read config {path}: not valid YAML ({e}); fix the file at the "
+                          "line shown (plain YAML only: no !!python tags)") from e
     except (OmegaConfBaseException, OSError, ValueError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     if not isinstance(cfg, DictConfig):
@@ -123,8 +127,9 @@ def parse_overrides(overrides: list[str] | None) -> DictConfig:
             raise ConfigError(f"override '{o}' must look like key=value (e.g. trainer.max_epochs=5)")
     try:
         return OmegaConf.from_dotlist(overrides)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}; values are plain YAML "
+                          "(quote lists and mappings: 'callbacks=[{name: mechanism}]')") from e
 
 
 def load(
@@ -171,8 +176,85 @@ def load(
     cfg.extends = None
     OmegaConf.set_struct(cfg, False)
     cfg.data.is_demo = bool(is_demo)
+    check_types(base, cfg)
     _validate_values(cfg)
     return cfg
+
+
+# keys whose _base.yaml default does not say every type they take
+TYPES_ALLOWED: dict[str, tuple[type, ...]] = {
+    "trainer.devices": (int, str, list),  # 2 | "auto" | "0,1" | [0, 1]
+    "trainer.precision": (str, int),  # "32-true" | 16
+    "trainer.gradient_clip_val": (int, float, type(None)),
+    "data.sampling.image_size": (int, list),  # one side, or several (slide mode)
+    "data.sampling.patch_mpp": (int, float, type(None)),  # null: the slide's top resolution
+    "data.multiscale.sampling.per_cluster": (int, type(None)),
+    "data.split.fold": (int, str, type(None)),
+    "data.classes": (list, dict, type(None)),
+    "tiling.multiscale.min_child_tissue": (int, float, type(None)),
+}
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping", type(None): "null"}
+
+
+def allowed_types(default: Any) -> tuple[type, ...] | None:
+    """The types a key whose default is ``default`` accepts (None: any)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, str):
+        return (str,)
+    if isinstance(default, list):
+        return (list,)
+    if isinstance(default, dict):
+        return (dict,)
+    return None
+
+
+def check_types(base: DictConfig, cfg: DictConfig) -> None:
+    """Raise ConfigError naming the key, the value and the expected type when a value's type
+    differs from its ``_base.yaml`` default's (``TYPES_ALLOWED`` lists the keys that take
+    several). Runs when a config is loaded, before any data is generated or extracted.
+    Method and callback arguments are checked against their signatures' defaults by
+    ``build.method_kwargs`` / ``build.build_callbacks``."""
+    plain_base = OmegaConf.to_container(base, resolve=False)
+    plain = OmegaConf.to_container(cfg, resolve=False)
+
+    def walk(b: Any, c: Any, prefix: str) -> None:
+        for key, default in b.items():
+            dotted = f"{prefix}{key}"
+            if not isinstance(c, dict) or key not in c or (prefix == "" and key in OPEN_SECTIONS):
+                continue
+            value = c[key]
+            if isinstance(default, dict) and isinstance(value, dict):
+                walk(default, value, f"{dotted}.")
+                continue
+            if isinstance(value, str) and "${" in value:  # an interpolation: checked once resolved
+                continue
+            check_value(dotted, value, TYPES_ALLOWED.get(dotted) or allowed_types(default))
+
+    walk(plain_base, plain, "")
+
+
+def check_value(key: str, value: Any, allowed: tuple[type, ...] | None) -> None:
+    """``value`` of config key ``key`` is one of ``allowed`` types (bool is not an integer)."""
+    if allowed is None:
+        return
+    ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in allowed)
+    if not ok:
+        names = [_TYPE_NAMES.get(t, t.__name__) for t in allowed if not (t is int and float in allowed)]
+        first = float if float in allowed else allowed[0]
+        raise ConfigError(f"config key '{key}' = {value!r} ({type(value).__name__}); expected "
+                          f"{' or '.join(names)} (e.g. {key}={_example(first)})")
+
+
+def _example(t: type) -> str:
+    return {bool: "true", int: "5", float: "0.001", str: "name", list: "[1, 2]", dict: "{a: 1}"}.get(t, "null")
 
 
 def _validate_values(cfg: DictConfig) -> None:
@@ -198,11 +280,36 @@ def _validate_values(cfg: DictConfig) -> None:
 
 
 def save_resolved(cfg: DictConfig, run_dir: Path) -> Path:
-    """Write ``config.resolved.yaml`` (interpolations resolved) into the run folder."""
+    """Write ``config.resolved.yaml`` (interpolations resolved) into the run folder, atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.resolved.yaml"
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)
     return path
+
+
+# how a run executes, not what it computes: changing these neither redoes a finished table run
+# nor is refused when a run is resumed
+EXECUTION_KEYS = ("trainer.num_threads", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                  "data.num_workers", "features.num_workers", "features.batch_size", "features.devices",
+                  "features.accelerator", "logger", "paths")
+
+
+def changed_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs between two plain configs, except ``EXECUTION_KEYS``;
+    keys the saved config lacks (added to _base.yaml since) are not changes."""
+    key = prefix.rstrip(".")
+    if key in EXECUTION_KEYS:
+        return []
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [k for name in saved for k in changed_keys(saved[name], now.get(name, "<removed>"), f"{prefix}{name}.")]
+    return [] if saved == now else [key]
+
+
+def is_execution_key(key: str) -> bool:
+    """``trainer.num_threads`` or anything under ``logger`` / ``paths``: see ``EXECUTION_KEYS``."""
+    return any(key == k or key.startswith(f"{k}.") for k in EXECUTION_KEYS)
 
 
 def to_dict(cfg: DictConfig | ListConfig | Any) -> Any:

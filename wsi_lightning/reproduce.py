@@ -101,6 +101,14 @@ def _row_dir(spec: dict, dataset: str, row: dict, seed: int, runs: Path) -> Path
     return runs / "reproduce" / spec["name"] / dataset / slug / f"seed{seed}"
 
 
+def _resumable(run_dir: Path, cfg: DictConfig) -> bool:
+    """An interrupted run (a ``last.ckpt``, no ``metrics.json``) of this very config."""
+    saved = run_dir / "config.resolved.yaml"
+    if (run_dir / "metrics.json").exists() or not (run_dir / "checkpoints" / "last.ckpt").exists() or not saved.exists():
+        return False
+    return not config.changed_keys(yaml.safe_load(saved.read_text()), OmegaConf.to_container(cfg, resolve=True))
+
+
 def _complete(run_dir: Path, metrics: list[str], cfg: DictConfig) -> dict | None:
     """The run's metrics if it finished under the same config, else None (a run made before a
     change of the spec, the experiment YAML or the demo data is redone).
@@ -121,29 +129,12 @@ def _complete(run_dir: Path, metrics: list[str], cfg: DictConfig) -> dict | None
     if missing:
         log.info("%s does not log %s (the cells stay empty)", run_dir, ", ".join(missing))
     saved = run_dir / "config.resolved.yaml"
-    changed = _changed_keys(yaml.safe_load(saved.read_text()) if saved.exists() else {},
+    changed = config.changed_keys(yaml.safe_load(saved.read_text()) if saved.exists() else {},
                             OmegaConf.to_container(cfg, resolve=True))
     if changed:
         log.warning("%s was run with another config (%s); running it again", run_dir, ", ".join(changed[:8]))
         return None
     return m
-
-
-# how a run executes, not what it computes: changing these does not redo finished runs
-EXECUTION_KEYS = ("trainer.num_threads", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-                  "data.num_workers", "features.num_workers", "features.batch_size", "features.devices",
-                  "features.accelerator", "logger", "paths")
-
-
-def _changed_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose value differs, except ``EXECUTION_KEYS``; keys the saved config lacks
-    (added to _base.yaml since) are not changes."""
-    key = prefix.rstrip(".")
-    if key in EXECUTION_KEYS:
-        return []
-    if isinstance(saved, dict) and isinstance(now, dict):
-        return [k for name in saved for k in _changed_keys(saved[name], now.get(name, "<removed>"), f"{prefix}{name}.")]
-    return [] if saved == now else [key]
 
 
 def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, runs: Path | None = None,
@@ -175,9 +166,12 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
                 over.append(f"data.split.seed={seed}")
             cfg = config.load(row["experiment"], over, demo=(dataset == "demo"))
             done = _complete(run_dir, metrics, cfg)
-            if done is None:
+            if done is None and _resumable(run_dir, cfg):
+                log.info("table %s: %s, seed %d: resuming the interrupted run %s", spec["name"], row["name"], seed, run_dir)
+                done = run.fit(cfg, run_dir=run_dir, resume=True).metrics
+            elif done is None:
                 log.info("table %s: %s, seed %d -> %s", spec["name"], row["name"], seed, run_dir)
-                shutil.rmtree(run_dir, ignore_errors=True)  # a partial or outdated run is redone
+                shutil.rmtree(run_dir, ignore_errors=True)  # an outdated run is redone
                 done = run.fit(cfg, run_dir=run_dir).metrics
             else:
                 log.info("table %s: %s, seed %d already complete (%s)", spec["name"], row["name"], seed, run_dir)

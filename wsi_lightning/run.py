@@ -1,4 +1,11 @@
-"""Plain functions the CLI and tests call: ``fit(cfg)`` and ``test(run_dir)``."""
+"""Plain functions the CLI and tests call: ``fit(cfg)``, ``resume(run_dir)`` and ``test(run_dir)``.
+
+A run folder holds ``checkpoints/best.ckpt`` (the monitored metric's best) and
+``checkpoints/last.ckpt`` (rewritten at the end of every epoch, atomically, with the random
+number generators' states), so an interrupted fit continues with ``resume(run_dir)`` /
+``wsi fit EXP --resume RUN_DIR`` from its last finished epoch and ends as an uninterrupted run
+with the same seed would.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +63,11 @@ def _metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
 
 
+def _left_out(dm: object) -> dict[str, float]:
+    """``test/slides_left_out``: test slides the store lacks (failed with ``skip_errors``)."""
+    return {"test/slides_left_out": float(len(getattr(dm, "left_out", {}).get("test", [])))}
+
+
 def _callback_metrics(trainer: L.Trainer) -> dict[str, float]:
     out: dict[str, float] = {}
     for cb in trainer.callbacks:
@@ -65,17 +77,70 @@ def _callback_metrics(trainer: L.Trainer) -> dict[str, float]:
     return out
 
 
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None, exp: str | None = None) -> DictConfig:
+    """The saved config of a run folder, for resuming it. Only overrides of how the run
+    executes (``config.EXECUTION_KEYS``: threads, workers, loggers, paths) are accepted; one
+    that changes the model or the data would make the resumed run a different run."""
+    from wsi_lightning.config import check_keys, is_execution_key, parse_overrides
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.resolved.yaml"
+    if not cfg_path.exists():
+        raise WSIError(f"--resume {run_dir}: not a run folder (no config.resolved.yaml); pass the "
+                       "runs/<exp>/<timestamp> folder of the interrupted fit")
+    cfg = OmegaConf.load(cfg_path)
+    if exp is not None and Path(exp).stem != str(cfg.name):
+        raise WSIError(f"--resume {run_dir}: that folder is a run of '{cfg.name}', not of '{exp}'; "
+                       f"run wsi fit {cfg.name} --resume {run_dir}")
+    cli = parse_overrides(overrides)
+    keys = [k for k, _ in _dotted(OmegaConf.to_container(cli))]
+    refused = [k for k in keys if not is_execution_key(k)]
+    if refused:
+        raise WSIError(f"--resume {run_dir}: override(s) {refused} change what the run computes; a "
+                       "resumed run keeps its saved config (config.resolved.yaml). Only execution "
+                       "settings may change (trainer.num_threads, data.num_workers, logger.*, paths.*); "
+                       "start a new run for the others")
+    check_keys(cfg, cli, "command-line overrides")
+    return OmegaConf.merge(cfg, cli)
+
+
+def _dotted(d: object, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(d, dict):
+        return [kv for k, v in d.items() for kv in _dotted(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), d)]
+
+
+def resume(run_dir: str | Path, overrides: list[str] | None = None, exp: str | None = None,
+           extra_callbacks: list[L.Callback] | None = None) -> RunResult:
+    """Continue an interrupted fit in its own folder from ``checkpoints/last.ckpt`` (or from the
+    start, in the same folder, when it stopped before its first epoch ended)."""
+    return fit(resume_config(run_dir, overrides, exp), run_dir=Path(run_dir), extra_callbacks=extra_callbacks,
+               resume=True)
+
+
 def fit(cfg: DictConfig, run_dir: Path | None = None,
-        extra_callbacks: list[L.Callback] | None = None) -> RunResult:
+        extra_callbacks: list[L.Callback] | None = None, resume: bool = False) -> RunResult:
     """Prepare data (tile + extract what is missing), train, test the best checkpoint.
 
     Writes into the run folder: ``config.resolved.yaml``, ``checkpoints/``, ``metrics.csv``
     (CSV logger), ``val_predictions.csv`` / ``test_predictions.csv`` and ``metrics.json``.
     ``extra_callbacks`` are appended to the configured ones (e.g. a sweep's early stopping).
     Callbacks exposing a ``metrics`` dict (e.g. feature attribution) add it to the result.
+    ``resume``: continue the fit in ``run_dir`` from its ``checkpoints/last.ckpt`` (see
+    :func:`resume`).
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if resume and last.exists() else None
+    if resume:
+        if (run_dir / "metrics.json").exists():
+            raise WSIError(f"--resume {run_dir}: that run finished (metrics.json exists); "
+                           f"use wsi test {run_dir} to test it again")
+        log.info("resuming %s from %s", run_dir, ckpt_path or "the start (no epoch had finished)")
+        if ckpt_path:
+            build.trim_metrics_csv(run_dir, int(torch.load(ckpt_path, map_location="cpu", mmap=True,
+                                                            weights_only=True)["epoch"]))
     build.method_kwargs(cfg)  # config errors fail here, before any data is generated or extracted
     from wsi_lightning.methods import patch_baselines
 
@@ -97,12 +162,13 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
         torch.set_num_threads(int(cfg.trainer.num_threads))
     trainer = None
     try:
-        trainer = build.build_trainer(cfg, run_dir)
+        # a resumed fit skips the sanity check: the uninterrupted run did it once, at its start
+        trainer = build.build_trainer(cfg, run_dir, **({"num_sanity_val_steps": 0} if ckpt_path else {}))
         trainer.callbacks.extend(extra_callbacks or [])
         log.info("run folder: %s", run_dir)
-        trainer.fit(model, datamodule=dm)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, verbose=False)
+        trainer.test(model, datamodule=dm, ckpt_path=ckpt or None, verbose=False, weights_only=True)
     finally:
         if trainer is not None:
             _finish_wandb(trainer)
@@ -111,7 +177,8 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
-    result = RunResult(run_dir, {**_metrics(trainer, "test/"), **_callback_metrics(trainer)}, ckpt or None)
+    result = RunResult(run_dir, {**_metrics(trainer, "test/"), **_callback_metrics(trainer), **_left_out(dm)},
+                       ckpt or None)
     if trainer.is_global_zero:
         _write_metrics(result, cfg)
     return result
@@ -155,8 +222,21 @@ def report_metrics(result: RunResult) -> None:
     Console().print(table)
 
 
+def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
+    """``best`` / ``last`` in ``<run_dir>/checkpoints``, or a path to a ``.ckpt`` file."""
+    path = run_dir / "checkpoints" / f"{ckpt}.ckpt" if ckpt in ("best", "last") else Path(ckpt).expanduser()
+    if not path.is_file():
+        have = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+        raise WSIError(f"no checkpoint {path}; --ckpt takes best, last or a .ckpt file "
+                       f"({run_dir / 'checkpoints'} has {have})")
+    return path
+
+
 def test(run_dir: str | Path, ckpt: str = "best", overrides: list[str] | None = None) -> RunResult:
-    """Re-test a finished run from its saved config and checkpoint (``best`` or ``last``)."""
+    """Re-test a run from its saved config and a checkpoint (``best``, ``last`` or a path).
+
+    Everything it writes goes to ``<run_dir>/test-<ckpt>/`` (``test_predictions.csv``,
+    ``metrics.json``, callback outputs), never over the fit's own files."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.resolved.yaml"
     if not cfg_path.exists():
@@ -168,19 +248,22 @@ def test(run_dir: str | Path, ckpt: str = "best", overrides: list[str] | None = 
         cli = parse_overrides(overrides)
         check_keys(cfg, cli, "command-line overrides")
         cfg = OmegaConf.merge(cfg, cli)
-    ckpt_path = run_dir / "checkpoints" / f"{ckpt}.ckpt"
-    if not ckpt_path.exists():
-        raise WSIError(f"no checkpoint {ckpt_path}; available: {sorted(p.name for p in (run_dir / 'checkpoints').glob('*.ckpt'))}")
+    ckpt_path = checkpoint_path(run_dir, ckpt)
+    out_dir = run_dir / f"test-{ckpt if ckpt in ('best', 'last') else ckpt_path.stem}"
+    out_dir.mkdir(exist_ok=True)
     dm = build.build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("test")
     cls, _ = build.method_kwargs(cfg)
-    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", predictions_dir=str(run_dir))
-    trainer = build.build_trainer(cfg, run_dir, logger=False)
+    # weights_only: a checkpoint is read as tensors and plain containers, never as a pickle
+    # that could run code (whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says)
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", predictions_dir=str(out_dir), weights_only=True)
+    trainer = build.build_trainer(cfg, out_dir, logger=False)
     trainer.test(model, datamodule=dm, verbose=False)
-    result = RunResult(run_dir, {**_metrics(trainer, "test/"), **_callback_metrics(trainer)}, str(ckpt_path))
+    result = RunResult(out_dir, {**_metrics(trainer, "test/"), **_callback_metrics(trainer), **_left_out(dm)},
+                       str(ckpt_path))
     if trainer.is_global_zero:
-        report_metrics(result)
+        _write_metrics(result, cfg)
     return result
 
 
@@ -193,17 +276,17 @@ def attribute(run_dir: str | Path, ckpt: str = "best", options: dict | None = No
     from wsi_lightning.callbacks.feature_attribution import attribute as run_attribution
 
     run_dir = Path(run_dir)
-    cfg_path, ckpt_path = run_dir / "config.resolved.yaml", run_dir / "checkpoints" / f"{ckpt}.ckpt"
-    for p in (cfg_path, ckpt_path):
-        if not p.exists():
-            raise WSIError(f"{run_dir}: {p.name} missing; pass a finished run folder (runs/<exp>/<timestamp>)")
+    cfg_path = run_dir / "config.resolved.yaml"
+    if not cfg_path.exists():
+        raise WSIError(f"{run_dir}: {cfg_path.name} missing; pass a finished run folder (runs/<exp>/<timestamp>)")
+    ckpt_path = checkpoint_path(run_dir, ckpt)
     cfg = OmegaConf.load(cfg_path)
     opts = FeatureAttribution(**(options or {})).opts  # validates the options
     dm = build.build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("test")
     cls, _ = build.method_kwargs(cfg)
-    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
     with torch.enable_grad():
         metrics = run_attribution(model, dm, run_dir / "attribution", **opts)
     mpath = run_dir / "metrics.json"

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from wsi_lightning import viz
 from wsi_lightning.errors import ArgumentError, WSIError
+from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,7 @@ class AttentionLogger(L.Callback):
         from wsi_lightning.slides import SlideReader
 
         sid, att, xy = s["slide_id"], s["attention"], s["coords"]  # (H, n), (n, 2)
+        safe_slide_id(sid, where=f"attention_logger: images in {out}")  # ids name the files below
         row = rows.loc[sid]
         attrs = store.attrs(sid)
         extent = s.get("extent") or attrs.get("extent_level0")

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from wsi_lightning import viz
 from wsi_lightning.errors import ArgumentError, WSIError
+from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class ROITree(L.Callback):
         figures, failed = [], []
         for s in todo:
             try:
-                figures.append((s["slide_id"], self.render(s, out / f"{s['slide_id']}.png", trainer)))
+                sid = safe_slide_id(s["slide_id"], where=f"roi_tree: figure in {out}")  # names the file
+                figures.append((sid, self.render(s, out / f"{sid}.png", trainer)))
             except (WSIError, OSError, ValueError) as e:
                 failed.append(f"{s['slide_id']}: {type(e).__name__}: {e}")
         if failed:

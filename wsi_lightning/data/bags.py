@@ -135,7 +135,8 @@ class BagDataModule(L.LightningDataModule):
         self.store = FeatureStore(store)
         self.split_cfg = dict(split or {})
         self.batch_size, self.max_bag_size, self.num_workers = batch_size, max_bag_size, num_workers
-        self._prepare = prepare
+        self._prepare, self._prepared = prepare, False
+        self.left_out: dict[str, list[str]] = {}  # split -> slides the store lacks (skip_errors)
         self.standardize = standardize
         self.scaler: FeatureScaler | None = None
         # a split smaller than the number of ranks leaves some ranks without a slide (Lightning hook)
@@ -156,8 +157,12 @@ class BagDataModule(L.LightningDataModule):
         return self.store.feature_dim()
 
     def prepare_data(self) -> None:
-        if self._prepare is not None:
+        """Extract what the store lacks, once per process: ``run.fit`` calls it before DDP
+        children exist, then ``trainer.fit`` and ``trainer.test`` call it again (a failing slide
+        was retried, and its errors printed, three times)."""
+        if self._prepare is not None and not self._prepared:
             self._prepare()
+            self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -170,8 +175,14 @@ class BagDataModule(L.LightningDataModule):
         if missing:
             report = self.store.root / "errors.csv"
             why = f" (failures recorded in {report})" if report.exists() else ""
-            log.warning("feature store %s lacks %d slide(s)%s; they are left out: %s",
-                        self.store.root, len(missing), why, missing[:10])
+            self.left_out = {k: [i for i in v if i not in available] for k, v in self.splits.items()}
+            log.warning("feature store %s lacks %d slide(s)%s; they are left out (%s): %s",
+                        self.store.root, len(missing), why,
+                        ", ".join(f"{k} {len(v)}" for k, v in self.left_out.items() if v), missing[:10])
+            if self.left_out.get("test"):
+                log.warning("the test split lost %d of its %d slides: test metrics are over the rest "
+                            "(metrics.json records test/slides_left_out)", len(self.left_out["test"]),
+                            len(self.splits["test"]))
             self.splits = {k: [i for i in v if i in available] for k, v in self.splits.items()}
         if not self.splits["train"]:
             raise StoreError(f"feature store {self.store.root}: no training slide has features; "

@@ -1,13 +1,19 @@
 """Slide manifests (CSV) and patient-level stratified splits.
 
 Schema: ``slide_id, case_id, path`` plus one label column (or several tag columns), with
-optional ``mpp`` (overrides the slide's own), ``split`` (train / val / test) and ``fold``.
-Paths are relative to the manifest's folder unless absolute. Row numbers in errors count data
-rows from 1 (the header is not a row).
+optional ``mpp`` (overrides the slide's own; an empty cell keeps the slide's own), ``split``
+(train / val / test) and ``fold`` (each filled in on every row, or on none). The file is UTF-8.
+Paths are relative to the manifest's folder unless absolute; slide ids become file names, so
+they must be safe ones (:func:`wsi_lightning.ids.safe_slide_id`). A single label column is
+filled in on every row; multi-tag columns may be empty where a tag is unknown (class index -1,
+ignored by the loss and the metrics). Row numbers in errors count data rows from 1 (the header
+is not a row).
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_lightning.errors import ManifestError
+from wsi_lightning.ids import safe_slide_id
 
 REQUIRED = ("slide_id", "case_id", "path")
 SPLITS = ("train", "val", "test")
@@ -25,21 +32,26 @@ class Manifest:
     """A validated manifest.
 
     Attributes:
-        df: one row per slide; ``path`` absolute; label columns as strings; ``mpp`` float or NaN.
+        df: one row per slide; ``path`` absolute; label columns as strings ("" where a multi-tag
+            label is unknown); ``mpp`` float or NaN (NaN: the slide's own).
         targets: label columns (one for binary / multiclass, several for multi-tag).
         classes: {target: ordered class names}.
         source: the CSV file.
+        configured: targets whose classes were given by the caller (``data.classes``) rather
+            than derived from the labels found; only derived classes must occur in training.
     """
 
     df: pd.DataFrame
     targets: list[str]
     classes: dict[str, list[str]]
     source: Path
+    configured: frozenset[str] = frozenset()
 
     def label_index(self, target: str) -> np.ndarray:
-        """(S,) int64 class index of every slide for ``target``."""
+        """(S,) int64 class index of every slide for ``target``; -1 where the label is unknown
+        (an empty multi-tag cell), which the loss and the metrics ignore."""
         lookup = {c: i for i, c in enumerate(self.classes[target])}
-        return self.df[target].map(lookup).to_numpy(dtype=np.int64)
+        return np.array([lookup.get(v, -1) for v in self.df[target]], dtype=np.int64)
 
     def labels_by_slide(self) -> dict[str, dict[str, int]]:
         """{target: {slide_id: class index}} (the label dicts of the bag and slide datasets)."""
@@ -56,8 +68,17 @@ def load_manifest(
     targets: list[str] | str = "label",
     classes: dict[str, list[str]] | list[str] | None = None,
     check_files: bool = True,
+    allow_missing: bool | None = None,
 ) -> Manifest:
     """Read and validate a manifest CSV.
+
+    Every problem found is a ``ManifestError`` naming the file, the row (data rows from 1) and
+    the column, and saying the fix: an empty file, a file that is not UTF-8 (with the line of
+    the first bad byte), a missing column, an empty ``slide_id`` / ``case_id`` / ``path``, a
+    slide id that is not a safe file name (``ids.safe_slide_id``), a duplicate slide id, an
+    empty or unknown label, an ``mpp`` that is not a positive number, a ``split`` outside
+    train / val / test, a ``split`` or ``fold`` column filled in for some rows only, and a
+    derived class (``classes`` not given for its column) that has no ``split=train`` row.
 
     Args:
         path: the CSV file.
@@ -65,14 +86,18 @@ def load_manifest(
         classes: expected class names (a list for a single target, or {target: list}); an
             unknown label is an error naming the row. None: the sorted labels found.
         check_files: fail on rows whose slide file does not exist.
+        allow_missing: whether an empty label cell is allowed, meaning "unknown" (index -1,
+            ignored by the loss and the metrics). None: allowed only with several targets
+            (multi-tag: a slide may lack some tags, though not all of them); a single label
+            column must be filled in on every row.
+
+    Returns:
+        The validated manifest. An empty ``mpp`` cell means the slide's own mpp (NaN in ``df``).
     """
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"manifest {path} not found; check data.manifest")
-    try:
-        df = pd.read_csv(path, dtype={"slide_id": str, "case_id": str, "path": str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise ManifestError(f"manifest {path}: cannot parse CSV: {e}") from e
+    df = _read_csv(path)
     targets = [targets] if isinstance(targets, str) else list(targets)
     missing = [c for c in (*REQUIRED, *targets) if c not in df.columns]
     if missing:
@@ -84,17 +109,22 @@ def load_manifest(
     if isinstance(classes, list) or (classes is not None and not isinstance(classes, dict)):
         classes = {targets[0]: list(classes)}
     classes = dict(classes or {})
+    configured = frozenset(t for t in targets if t in classes)
+    allow_missing = len(targets) > 1 if allow_missing is None else bool(allow_missing)
     for i, row in enumerate(df.itertuples(index=False), start=1):
         for col in REQUIRED:
             v = getattr(row, col)
             if not isinstance(v, str) or not v.strip():
                 raise ManifestError(f"manifest {path} row {i}: empty '{col}'; fill it in or drop the row")
+        safe_slide_id(row.slide_id, where=f"manifest {path} row {i}", error=ManifestError)
     dup = df["slide_id"][df["slide_id"].duplicated()]
     if len(dup):
         rows = (dup.index + 1).tolist()
         raise ManifestError(f"manifest {path} rows {rows}: duplicate slide_id(s) {sorted(set(dup))}; slide ids must be unique")
     for t in targets:
         df[t] = df[t].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    _check_empty_labels(df, targets, allow_missing, path)
+    for t in targets:
         found = sorted(v for v in df[t].unique() if v)
         known = [str(c) for c in classes.get(t, found)]
         classes[t] = known
@@ -107,16 +137,133 @@ def load_manifest(
         if len(known) < 2:
             raise ManifestError(f"manifest {path}: column '{t}' has fewer than 2 classes ({known})")
     df["path"] = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in df["path"]]
-    df["mpp"] = pd.to_numeric(df["mpp"], errors="coerce") if "mpp" in df.columns else np.nan
+    df["mpp"] = _parse_mpp(df, path) if "mpp" in df.columns else np.nan
     if "split" in df.columns:
         df["split"] = df["split"].map(lambda v: "" if pd.isna(v) else str(v).strip().lower())
         for i, v in enumerate(df["split"], start=1):
             if v and v not in SPLITS:
                 raise ManifestError(f"manifest {path} row {i}: split '{v}'; expected one of {list(SPLITS)}")
-    m = Manifest(df.reset_index(drop=True), targets, classes, path)
+    for col in ("split", "fold"):
+        if col in df.columns:
+            _check_filled(df, col, path)
+    m = Manifest(df.reset_index(drop=True), targets, classes, path, configured)
+    if "split" in df.columns and (df["split"] == "train").any():
+        train = set(df.loc[df["split"] == "train", "slide_id"])
+        _check_trained_classes(m, train, "its split column")
     if check_files:
         check_slide_files(m)
     return m
+
+
+_SAVE_UTF8 = ("save it as UTF-8 (a spreadsheet's 'CSV UTF-8' format, or "
+              "`iconv -f latin1 -t utf-8 in.csv > out.csv`)")
+_EMPTY = ("manifest {path} is empty (no slide rows); it needs a header slide_id,case_id,path,"
+          "<label column> and one row per slide")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """The CSV as a DataFrame (``slide_id``, ``case_id``, ``path`` as strings); a file that is
+    not UTF-8 is an error naming the line of its first bad byte, an empty one says so."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        bad = raw[e.start:e.end].hex(" ")
+        raise ManifestError(
+            f"manifest {path} line {line} (byte {col} of the line): byte(s) {bad} are not UTF-8 (the "
+            f"file is in another encoding, e.g. Latin-1 or Windows-1252); {_SAVE_UTF8}"
+        ) from None
+    if not text.strip():
+        raise ManifestError(_EMPTY.format(path=path))
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype={"slide_id": str, "case_id": str, "path": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ManifestError(f"manifest {path}: cannot parse CSV: {e}") from e
+    if df.empty:
+        raise ManifestError(_EMPTY.format(path=path))
+    return df
+
+
+def _first(rows: list[int], n: int = 5) -> str:
+    """'[3, 7, 9]' or '[3, 7, 9, 11, 12, ... (14 in all)]'."""
+    head = ", ".join(map(str, rows[:n]))
+    return f"[{head}]" if len(rows) <= n else f"[{head}, ... ({len(rows)} in all)]"
+
+
+def _check_empty_labels(df: pd.DataFrame, targets: list[str], allow_missing: bool, path: Path) -> None:
+    """Empty label cells: an error unless ``allow_missing``; a row with every label empty is
+    always one (nothing to train or evaluate on)."""
+    empty = pd.DataFrame({t: df[t] == "" for t in targets})
+    bad = empty.all(axis=1) if allow_missing else empty.any(axis=1)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad.to_numpy())[0])
+    cols = [t for t in targets if empty[t].iloc[i]]
+    rows = (np.flatnonzero(bad.to_numpy()) + 1).tolist()
+    what = f"empty {cols[0]!r}" if len(cols) == 1 else f"every label column empty ({cols})"
+    hint = " (a multi-tag slide may leave some tags empty, not all)" if allow_missing else ""
+    raise ManifestError(
+        f"manifest {path} row {i + 1}: slide '{df['slide_id'].iloc[i]}' has {what}{hint}; "
+        f"rows with this problem: {_first(rows)}. Fill in the label(s) or drop the row(s)"
+    )
+
+
+def _parse_mpp(df: pd.DataFrame, path: Path) -> pd.Series:
+    """The ``mpp`` column as floats, NaN where empty (the slide's own mpp)."""
+    raw = df["mpp"].map(lambda v: v.strip() if isinstance(v, str) else v)
+    raw = raw.map(lambda v: np.nan if isinstance(v, str) and not v else v)
+    num = pd.to_numeric(raw, errors="coerce").astype(np.float64)
+    bad = raw.notna() & ~(np.isfinite(num) & (num > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        v = df["mpp"].iloc[i]
+        shown = repr(v) if isinstance(v, str) else f"{float(v):g}"
+        raise ManifestError(
+            f"manifest {path} row {i + 1}: slide '{df['slide_id'].iloc[i]}' has mpp "
+            f"{shown}; expected a positive number of microns per pixel (e.g. 0.25), "
+            "or an empty cell to use the slide's own mpp"
+        )
+    return num
+
+
+def _check_filled(df: pd.DataFrame, col: str, path: Path) -> None:
+    """A ``split`` / ``fold`` column is all filled in or all empty: partly filled, the slides
+    without one would otherwise be split at random (or put in train) without a word."""
+    blank = df[col].map(lambda v: pd.isna(v) or (isinstance(v, str) and not v.strip()))
+    if blank.any() and not blank.all():
+        rows = (np.flatnonzero(blank.to_numpy()) + 1).tolist()
+        raise ManifestError(
+            f"manifest {path}: column '{col}' is empty in row(s) {_first(rows)} but filled in "
+            "elsewhere; fill it in on every row, or drop the column (the split is then a random "
+            "patient-level one, data.split)"
+        )
+
+
+def _check_trained_classes(m: Manifest, train: set[str], how: str) -> None:
+    """Every derived class of every target has a slide in ``train``: otherwise the model gets an
+    output for a class it never sees in training. Classes given in ``data.classes`` are exempt
+    (listing a class there says it is meant)."""
+    df = m.df
+    in_train = df["slide_id"].isin(train)
+    for t in m.targets:
+        if t in m.configured:
+            continue
+        for c in m.classes[t]:
+            rows = df[t] == c
+            if rows.any() and not (rows & in_train).any():
+                ids = sorted(df.loc[rows, "slide_id"])
+                splits = sorted(set(df.loc[rows, "split"]) - {""}) if "split" in df.columns else []
+                raise ManifestError(
+                    f"manifest {m.source}: {t} '{c}' has no training slide under {how} (its "
+                    f"slides: {_first(ids)}" + (f", split {splits}" if splits else "") + "); the "
+                    "model would get an output for a class it never trains on. Put some of "
+                    "these slides in train (split column, data.split.seed or data.split.fold), "
+                    "drop them, or list the class in data.classes if an untrained class is meant"
+                )
 
 
 def check_slide_files(m: Manifest, skip: set[str] | frozenset[str] = frozenset()) -> None:
@@ -142,13 +289,19 @@ def patient_split(
 
     Returns:
         {split: sorted slide ids}.
+
+    Raises:
+        ManifestError: a case in two splits; no ``fold`` column or an absent fold; a class
+            derived from the labels (not in ``data.classes``) with no slide in train.
     """
     df = m.df
     if "split" in df.columns and (df["split"] != "").all():
         out = {s: sorted(df.loc[df["split"] == s, "slide_id"]) for s in SPLITS}
+        how = "its split column"
         if not out["val"] and val > 0:  # e.g. official train/test only: carve val out of train
             carved = _stratified_case_split(df[df["split"] == "train"], m.targets[0], val, 0.0, seed)
             out["train"], out["val"] = carved["train"], carved["val"]
+            how += f" (data.split.val={val:g} of train carved out as val, data.split.seed={seed})"
     elif fold is not None:
         if "fold" not in df.columns:
             raise ManifestError(f"manifest {m.source}: data.split.fold={fold} but no 'fold' column")
@@ -158,9 +311,13 @@ def patient_split(
         vfold = folds[(folds.index(fold) + 1) % len(folds)]
         split = np.where(df["fold"] == fold, "test", np.where(df["fold"] == vfold, "val", "train"))
         out = {s: sorted(df.loc[split == s, "slide_id"]) for s in SPLITS}
+        how = f"data.split.fold={fold}"
     else:
         out = _stratified_case_split(df, m.targets[0], val, test, seed)
+        how = f"the random split (data.split.seed={seed})"
     _check_no_leak(df, out, m.source)
+    if out["train"]:  # no train at all: a test-only manifest (``wsi test``)
+        _check_trained_classes(m, set(out["train"]), how)
     return out
 
 

@@ -7,13 +7,17 @@ slide to the feature store atomically once its last tile is in. Under DDP whole 
 assigned to ranks, so every rank writes only complete slides of its own. A rerun skips
 complete slides and redoes partial ones. Unreadable slides stop the run, or with
 ``skip_errors`` are recorded in ``<store>/errors.csv`` while the rest goes on.
+
+A store never mixes settings: before adding slides, extraction checks that the slides already
+in the store were made with the same backbone, weights and tiling
+(:func:`expected_provenance`, ``FeatureStore.check_provenance``) and refuses otherwise.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_lightning.data.manifest import Manifest
-from wsi_lightning.errors import SlideError, WSIError
+from wsi_lightning.errors import SlideError, StoreError, WSIError
 from wsi_lightning.features.store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -45,15 +49,54 @@ class TilePlan:
     extra: dict[str, np.ndarray] | None = None  # per-row arrays for the store (quadtree level, parent)
 
 
+# ----------------------------------------------------------------------------- provenance
+_TILING_KEYS = ("tile_size", "mpp", "min_tissue", "thumb_mpp")
+_MULTISCALE_KEYS = {"none": (), "concentric": ("context",), "quadtree": ("levels", "min_child_tissue")}
+
+
+def expected_provenance(tiling: dict, features: dict, backbone: Any = None) -> dict[str, Any]:
+    """What extraction with these settings records in the store, as ``check_provenance`` compares it.
+
+    The part of a slide's attributes that decides what its features are: ``backbone`` (the name
+    ``build_backbone`` gives it: the preset or timm name itself), ``extraction.weights``,
+    ``extraction.pretrained`` (only without a weights file, which overrides it) and
+    ``extraction.tiling`` (tile size, mpp, tissue thresholds, and the multiscale keys of the
+    chosen mode only). Each key is recorded by :func:`extract_features` with this value, so it
+    can be computed from the configuration alone, before any extraction. The stored dtype and
+    loader settings (batch size, workers, devices) are not part of it.
+
+    Args:
+        tiling: ``tiling:`` config section (plain dict).
+        features: ``features:`` config section (plain dict).
+        backbone: the built :class:`~wsi_lightning.features.backbones.Backbone`, if there is
+            one: adds its ``weights_hash`` (which building it is the only way to know).
+
+    Returns:
+        Nested attributes, e.g. ``{"backbone": "demo_cnn", "extraction": {"weights": None,
+        "pretrained": False, "tiling": {"tile_size": 64, ...}}}``.
+    """
+    t: dict[str, Any] = {k: tiling[k] for k in _TILING_KEYS if k in tiling}
+    if "multiscale" in tiling:
+        ms = tiling.get("multiscale") or {}
+        mode = ms.get("mode", "none")
+        t["multiscale"] = {"mode": mode, **{k: ms[k] for k in _MULTISCALE_KEYS.get(mode, ()) if k in ms}}
+    extraction: dict[str, Any] = {"weights": features.get("weights"), "tiling": t}
+    if not features.get("weights"):
+        extraction["pretrained"] = features.get("pretrained")
+    out: dict[str, Any] = {"backbone": str(features["backbone"]), "extraction": extraction}
+    if backbone is not None:
+        out.update(backbone=backbone.name, weights_hash=backbone.weights_hash)
+    return out
+
+
+def _recorded_attrs(tiling: dict, features: dict, backbone: Any) -> dict[str, Any]:
+    """The store attributes extraction adds to each slide's tiling attributes."""
+    return {"backbone": backbone.name, "weights_hash": backbone.weights_hash,
+            "extraction": {k: features.get(k) for k in ("backbone", "pretrained", "weights", "dtype")}
+            | {"tiling": dict(tiling)}}
+
+
 # ----------------------------------------------------------------------------- tiling
-def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def quadtree_mpps(tiling: dict) -> tuple[float, ...]:
     """Quadtree level mpps, coarsest first: ``tiling.mpp`` is the finest, each level up doubles."""
     levels = int((tiling.get("multiscale") or {}).get("levels", 3))
@@ -72,6 +115,8 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
     """
     from wsi_lightning.slides import SlideReader, save_tissue_png, segment_tissue, tile_slide
     from wsi_lightning.slides.multiscale import concentric_grid, grid_from_arrays, quadtree_grid
+    from wsi_lightning.slides.tiling import tile_file, write_tile_file
+    from wsi_lightning.slides.tissue import tissue_qc_path
 
     sid, path = str(row["slide_id"]), str(row["path"])
     mpp_override = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
@@ -81,7 +126,7 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
     qt = (quadtree_mpps(tiling), ms.get("min_child_tissue")) if mode == "quadtree" else ()
     # v2: large holes kept
     key = f"v2_{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}_{context}" + (f"_qt{qt}" if qt else "")
-    cache = tiles_dir / f"{sid}.npz"
+    cache, qc = tile_file(tiles_dir, sid), tissue_qc_path(tiles_dir, sid)  # the id is checked here
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if str(z["key"]) == key:
@@ -90,7 +135,7 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
             return _plan(sid, path, mpp_override, z["coords"], attrs, ms_grid)
     with SlideReader(path, mpp=mpp_override) as reader:
         tissue = segment_tissue(reader, thumb_mpp=float(tiling["thumb_mpp"]))
-        save_tissue_png(tissue, tiles_dir / "qc" / f"{sid}.png")
+        save_tissue_png(tissue, qc)
         size, min_tissue = int(tiling["tile_size"]), float(tiling["min_tissue"])
         grid = tile_slide(reader, size, float(tiling["mpp"]), min_tissue=min_tissue, tissue=tissue)
         ms_grid = None
@@ -102,12 +147,12 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
     if len(grid.coords) == 0:
         raise SlideError(
             f"slide {path}: no tile has >= {tiling['min_tissue']:.0%} tissue; check "
-            f"{tiles_dir / 'qc' / (sid + '.png')} or lower tiling.min_tissue"
+            f"{qc} or lower tiling.min_tissue"
         )
     attrs = {"mpp": grid.mpp, "tile_size": grid.tile_size, "tile_size_um": grid.tile_size_um,
              "level": grid.level, "extent_level0": grid.extent_level0, "slide_mpp": grid.slide_mpp}
     extra = {f"ms_{k}": v for k, v in ms_grid.to_arrays().items()} if ms_grid is not None else {}
-    _atomic_npz(cache, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()}, **extra)
+    write_tile_file(tiles_dir, sid, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()}, **extra)
     return _plan(sid, path, mpp_override, grid.coords, attrs, ms_grid)
 
 
@@ -144,7 +189,7 @@ class ErrorReport:
         log.error("%s failed for slide %s: %s", stage, slide_id, err)
         self.rows.append({"slide_id": slide_id, "path": path, "stage": stage, "error": str(err)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
         pd.DataFrame(self.rows).to_csv(tmp, index=False)
         os.replace(tmp, self.path)
 
@@ -286,6 +331,10 @@ class StoreWriter(BasePredictionWriter):
         self.failed: set[int] = set()
         self.written: list[str] = []
         self._bar = None
+        try:  # the store's feature dim: every slide written must have it
+            self.dim: int | None = store.feature_dim()
+        except StoreError:
+            self.dim = None  # empty store: the first slide written sets it
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -323,6 +372,13 @@ class StoreWriter(BasePredictionWriter):
             err = SlideError(f"slide {p.path}: some tiles could not be read (see the log); not written")
             self.report.add(p.slide_id, p.path, "extraction", err)
             return
+        if self.dim is not None and feats.shape[1] != self.dim:
+            raise StoreError(
+                f"feature store {self.store.root}: slide '{p.slide_id}' has {feats.shape[1]}-d "
+                f"features but the store's slides are {self.dim}-d (made with other settings); "
+                "extract into another store (data.store=<folder>) or delete this one"
+            )
+        self.dim = feats.shape[1]
         attrs = {**p.attrs, **self.extra}
         self.store.write_slide(p.slide_id, feats, p.coords.astype(np.int64), attrs, extra=p.extra)
         self.written.append(p.slide_id)
@@ -339,6 +395,7 @@ def extract_features(
     features: dict,
     skip_errors: bool = False,
     tiles_dir: Path | None = None,
+    report: ErrorReport | None = None,
 ) -> list[str]:
     """Tile and extract every slide of ``manifest`` that the store lacks.
 
@@ -350,9 +407,15 @@ def extract_features(
             num_workers, dtype, accelerator, devices).
         skip_errors: record failing slides in ``errors.csv`` and go on.
         tiles_dir: tile cache (default ``<store>/tiles``).
+        report: where failures are recorded (default ``<store>/errors.csv``); its ``rows`` say
+            how many slides failed in this call.
 
     Returns:
         The slide ids written by this process.
+
+    Raises:
+        StoreError: the store's slides were made with other settings (backbone, weights,
+            tiling) or imported: slides made now would mix with them.
     """
     from wsi_lightning.features.backbones import build_backbone
 
@@ -360,16 +423,17 @@ def extract_features(
     todo = [s for s in manifest.df["slide_id"] if not store.is_complete(s)]
     if not todo:
         return []
+    store.check_provenance(expected_provenance(tiling, features), adding=True)  # before any tiling
     tiles_dir = tiles_dir or store.root / "tiles"
     log.info("feature store %s: %d of %d slides to extract", store.root, len(todo), len(manifest.df))
-    report = ErrorReport(store.root / "errors.csv")
+    report = report if report is not None else ErrorReport(store.root / "errors.csv")
     plans, _ = plan_manifest(manifest, tiling, tiles_dir, skip_errors, slide_ids=todo, report=report)
     if not plans:
         return []
     backbone = build_backbone(str(features["backbone"]), pretrained=bool(features.get("pretrained", False)),
                               weights=features.get("weights"))
-    extra = {"backbone": backbone.name, "weights_hash": backbone.weights_hash,
-             "extraction": {k: features.get(k) for k in ("backbone", "pretrained", "weights", "dtype")} | {"tiling": dict(tiling)}}
+    store.check_provenance(expected_provenance(tiling, features, backbone), adding=True)  # + weights hash
+    extra = _recorded_attrs(tiling, features, backbone)
     ds = TileDataset(plans)
     writer = StoreWriter(ds, store, extra, str(features.get("dtype", "float16")), report)
     trainer = L.Trainer(

@@ -123,6 +123,8 @@ class MILModule(L.LightningModule):
         )
         self.last_output: MILOutput | None = None
         self._records: list[dict] = []
+        self._means: dict[str, dict[str, list]] = {}  # stage -> {name: [weighted sum, slides]}
+        self._prog_bar: set[str] = set()
         self._pretrained_done = False
 
     # ----------------------------------------------------------------- pretrained weights
@@ -160,11 +162,11 @@ class MILModule(L.LightningModule):
         terms = {**self.task_loss(out, bag), **out.aux_losses}
         loss = torch.stack([v for v in terms.values()]).sum()
         bs = len(bag)
-        on_step = stage == "train"
+        if stage == "train":
+            self.check_finite(loss, bag)
         for k, v in terms.items():
-            self.log(f"{stage}/{k}", v.detach(), batch_size=bs, on_step=False, on_epoch=True)
-        self.log(f"{stage}/loss", loss.detach(), batch_size=bs, prog_bar=True,
-                 on_step=on_step, on_epoch=True, sync_dist=stage == "train")
+            self.log_mean(f"{stage}/{k}", v, bs)
+        self.log_mean(f"{stage}/loss", loss, bs, prog_bar=True)
         probs = {t: out.logits[t].detach().float().softmax(-1) for t in self.targets}
         ids, labels = bag.slide_ids, bag.labels
         if len(set(ids)) < len(ids):  # several bags of one slide (test-time bag sampling): average
@@ -173,6 +175,54 @@ class MILModule(L.LightningModule):
         if stage != "train":
             self._record(ids, labels, probs)
         return loss
+
+    def check_finite(self, loss: torch.Tensor, bag: Bag) -> None:
+        """Stop training at a NaN / Inf loss, naming the batch's slides (a NaN loss would
+        otherwise train on, leaving NaN weights and a run that predicts one class)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            from wsi_lightning.errors import WSIError
+
+            raise WSIError(
+                f"non-finite training loss ({float(loss.detach().float().sum())}) at epoch "
+                f"{self.current_epoch}, step {self.global_step}, on slides {list(bag.slide_ids)}; "
+                "check those slides' features (wsi extract rewrites them) or lower optim.lr")
+
+    def log_mean(self, name: str, value: torch.Tensor | float, batch_size: int, prog_bar: bool = False) -> None:
+        """Log a per-batch value as its slide-weighted mean over the epoch.
+
+        Training: Lightning's on-step / on-epoch logging (ranks see equal, padded shares).
+        Validation / test: the exact mean over every slide of every rank; Lightning's
+        ``sync_dist`` would average the ranks' means, wrong for the unequal, unpadded shares
+        (5 slides on 2 ranks: 3 and 2), and without it the value is rank 0's alone.
+        """
+        stage = name.split("/", 1)[0]
+        if stage == "train":
+            self.log(name, value.detach() if torch.is_tensor(value) else value, batch_size=batch_size,
+                     prog_bar=prog_bar, on_step=name == "train/loss", on_epoch=True, sync_dist=True)
+            return
+        v = value.detach().double().sum() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
+        total = self._means.setdefault(stage, {}).setdefault(name, [0.0, 0])
+        total[0] = total[0] + v * batch_size  # a tensor: no device sync per step
+        total[1] += batch_size
+        if prog_bar:
+            self._prog_bar.add(name)
+
+    def _log_means(self, stage: str) -> None:
+        """Log the exact epoch means of ``log_mean`` values (gathered from every rank)."""
+        local = {k: (float(s), n) for k, (s, n) in self._means.pop(stage, {}).items()}
+        parts = [local]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, local)
+        sums: dict[str, list[float]] = {}
+        for part in parts:
+            for k, (s, n) in part.items():
+                acc = sums.setdefault(k, [0.0, 0])
+                acc[0], acc[1] = acc[0] + s, acc[1] + n
+        for k, (s, n) in sorted(sums.items()):
+            # the same value on every rank: rank_zero_only=False keeps callbacks (checkpoint,
+            # early stopping) consistent across ranks
+            self.log(k, s / max(n, 1), prog_bar=k in self._prog_bar, sync_dist=False, rank_zero_only=False)
 
     def training_step(self, bag: Bag, batch_idx: int) -> torch.Tensor:
         return self._shared_step(bag, "train")
@@ -188,6 +238,8 @@ class MILModule(L.LightningModule):
 
     # ----------------------------------------------------------------- epoch ends
     def _epoch_end(self, stage: str) -> None:
+        if stage != "train":
+            self._log_means(stage)
         vals = self.metrics[f"{stage}_metrics"].compute(stage)
         self.metrics[f"{stage}_metrics"].reset()
         # torchmetrics already synchronised the states across ranks: no sync_dist here.
@@ -200,6 +252,7 @@ class MILModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._records = []
+        self._means.pop("val", None)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -207,9 +260,11 @@ class MILModule(L.LightningModule):
         else:
             self.metrics["val_metrics"].reset()
             self._records = []
+            self._means.pop("val", None)
 
     def on_test_epoch_start(self) -> None:
         self._records = []
+        self._means.pop("test", None)
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")

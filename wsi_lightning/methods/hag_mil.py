@@ -234,6 +234,7 @@ class HAGMIL(MILModule):
             if not res["terms"]:
                 return
             loss = torch.stack(list(res["terms"].values())).sum()
+            self.check_finite(loss, bag)
             opt = opts[lvl] if self.optimizers_mode == "per_level" else opts[0]
             opt.zero_grad(set_to_none=self.optimizers_mode == "per_level")
             self.manual_backward(loss)
@@ -241,7 +242,7 @@ class HAGMIL(MILModule):
             total.append(loss.detach())
             bs = len(bag)
             for k, v in res["terms"].items():
-                self.log(f"train/level{lvl}_{k}", v.detach(), batch_size=bs, on_step=False, on_epoch=True)
+                self.log_mean(f"train/level{lvl}_{k}", v, bs)
 
         results = self.net.cascade(bag, self.net.t_patch, after_level=step)
         loss = torch.stack(total).sum() if total else torch.zeros((), device=self.device)

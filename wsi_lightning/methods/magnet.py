@@ -278,5 +278,5 @@ class MagNet(MILModule):
     def _shared_step(self, batch: SlideBatch, stage: str) -> torch.Tensor:
         loss = super()._shared_step(batch, stage)
         for k, v in self.last_output.extras["stats"].items():
-            self.log(f"{stage}/{k}", v, batch_size=len(batch), on_step=False, on_epoch=True)
+            self.log_mean(f"{stage}/{k}", v, len(batch))
         return loss

@@ -7,11 +7,15 @@ has tiles of ``2 * tile_size`` level-0 pixels, the same tissue as a 0.5 µm/px s
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from wsi_lightning.errors import ConfigError, NoTissueError
+from wsi_lightning.errors import ConfigError, ManifestError, NoTissueError
+from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.slides.reader import SlideReader
 from wsi_lightning.slides.tissue import TissueMask, segment_tissue
 
@@ -100,7 +104,8 @@ def tile_slide(
         raise NoTissueError(
             f"slide {reader.path}: no {tile_size} px tile at {mpp} µm/px has >= "
             f"{min_tissue:.0%} tissue ({tissue.tissue_fraction:.1%} of the thumbnail is tissue); "
-            "lower min_tissue or tile_size, or check the tissue mask (save_tissue_png)"
+            "lower tiling.min_tissue or tiling.tile_size, or check the tissue mask (the "
+            "tiles/qc/<slide_id>.png image; save_tissue_png in Python)"
         )
     return TileGrid(
         coords=coords[keep],
@@ -112,3 +117,34 @@ def tile_slide(
         slide_mpp=float(slide_mpp),
         tissue_fraction=fraction[keep],
     )
+
+
+def tile_file(tiles_dir: str | os.PathLike, slide_id: str) -> Path:
+    """``tiles_dir/<slide_id>.npz``, the tile-coordinate file of one slide.
+
+    Raises:
+        ManifestError: ``slide_id`` is not a safe file name (``../x``, ``/abs/x``...), so the
+            file could land outside ``tiles_dir``.
+    """
+    sid = safe_slide_id(slide_id, where=f"tile file in {tiles_dir}", error=ManifestError)
+    return Path(tiles_dir) / f"{sid}.npz"
+
+
+def write_tile_file(tiles_dir: str | os.PathLike, slide_id: str, **arrays: np.ndarray) -> Path:
+    """Write ``arrays`` (``coords`` (N, 2) int64 and any others) to :func:`tile_file` atomically
+    (a temporary file in the same folder, then renamed), so a killed run leaves no partial file.
+
+    Returns:
+        The file written. Raises ``ManifestError`` before writing anything for an unsafe id.
+    """
+    path = tile_file(tiles_dir, slide_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

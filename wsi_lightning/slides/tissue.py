@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from wsi_lightning.errors import NoTissueError
+from wsi_lightning.errors import ManifestError, NoTissueError
+from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.slides.reader import SlideReader
 
 
@@ -180,10 +181,24 @@ def segment_tissue(
         raise NoTissueError(
             f"slide {reader.path}: no tissue found on the {thumb.shape[1]}x{thumb.shape[0]} "
             f"thumbnail at {mpp:g} µm/px (saturation threshold {t_sat:.0f}/255, pieces "
-            f">= {min_area_um2:g} µm²); check the slide is not blank or out of focus, or lower "
-            "min_saturation / min_area_um2"
+            f">= {min_area_um2:g} µm²); check the slide is not blank or out of focus. If it has "
+            f"tissue: a finer tiling.thumb_mpp (now {thumb_mpp:g}, e.g. {thumb_mpp / 2:g}) keeps "
+            "thin or small pieces; or drop the slide from the manifest, or set "
+            "features.skip_errors=true to record it in errors.csv and go on. (min_saturation "
+            "and min_area_um2 are arguments of segment_tissue() in Python, not config keys.)"
         )
     return TissueMask(mask=mask, mpp=mpp, thumbnail=thumb)
+
+
+def tissue_qc_path(tiles_dir: str | os.PathLike, slide_id: str) -> Path:
+    """``tiles_dir/qc/<slide_id>.png``, the tissue check image of one slide.
+
+    Raises:
+        ManifestError: ``slide_id`` is not a safe file name (``../x``, ``/abs/x``...), so the
+            image could land outside ``tiles_dir/qc``.
+    """
+    sid = safe_slide_id(slide_id, where=f"tissue check image in {Path(tiles_dir) / 'qc'}", error=ManifestError)
+    return Path(tiles_dir) / "qc" / f"{sid}.png"
 
 
 def save_tissue_png(tissue: TissueMask, path: str | os.PathLike) -> None:
