@@ -152,3 +152,15 @@ def test_kill_9_mid_epoch_then_cli_resume(bag_data: Path, tmp_path: Path):
     for k, v in m_whole.items():
         assert m_res[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
     pd.testing.assert_frame_equal(p_res, p_whole, rtol=1e-6)
+
+
+def test_resumed_fit_logs_into_the_same_wandb_run(bag_data: Path, tmp_path: Path):
+    over = _over(bag_data, tmp_path / "runs", **{"logger.wandb.enabled": True, "logger.wandb.mode": "offline",
+                                                 "trainer.max_epochs": 3})
+    cfg = config.load("abmil", over)
+    run_dir = run.new_run_dir(cfg)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run.fit(cfg, run_dir=run_dir, extra_callbacks=[_Crash(epoch=1)])
+    run.resume(run_dir)
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert ids == {(run_dir / "wandb-id.txt").read_text().strip()}

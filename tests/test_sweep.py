@@ -204,3 +204,49 @@ def test_online_agent_plumbing_with_a_fake_wandb(tmp_path: Path, monkeypatch: py
     assert [r.params["optim.lr"] for r in records] == LR_VALUES[:2]  # ranked: val/loss minimised
     assert all("logger.wandb.mode=online" in o for o in seen)
     assert yaml.safe_load(next((tmp_path / "runs" / "sweeps").rglob("sweep.yaml")).read_text())["sweep_id"] == "sweep123"
+
+
+def test_interrupted_offline_sweep_resumes_to_the_same_trials(bag_data: Path, tmp_path: Path, monkeypatch):
+    """Kill a sweep in the middle of trial 1's fit; --resume reads trial 0 back, continues trial 1
+    from its last epoch and runs trial 2: the same values as an uninterrupted sweep."""
+    import lightning as L
+
+    from wsi_lightning import run
+
+    over = feature_cfg_overrides(bag_data, tmp_path / "runs", **{"trainer.max_epochs": 3})
+    path = _write_sweep(tmp_path, method="random", count=3,
+                        parameters={"optim.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}})
+    whole = {r.name: r for r in sweep.run_sweep(path, mode="offline", overrides=over)}
+
+    class Interrupt(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.default_root_dir.endswith("trial_001") and trainer.current_epoch == 2:
+                raise KeyboardInterrupt  # not a trial failure: the whole sweep stops
+
+    real_fit = run.fit
+    monkeypatch.setattr(run, "fit", lambda cfg, run_dir=None, extra_callbacks=None, resume=False: real_fit(
+        cfg, run_dir, [*(extra_callbacks or []), Interrupt()], resume))
+    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns Ctrl-C into SystemExit(1)
+        sweep.run_sweep(path, mode="offline", overrides=[*over, "paths.runs=" + str(tmp_path / "cut")])
+    sweep_dir = next((tmp_path / "cut" / "sweeps" / path.stem).iterdir())
+    first = (sweep_dir / "trial_000" / "metrics.json").stat().st_mtime_ns
+    assert not (sweep_dir / "trial_001" / "metrics.json").exists()
+    assert (sweep_dir / "trial_001" / "checkpoints" / "last.ckpt").exists()
+    calls: list[tuple[str, bool]] = []
+
+    def spy(cfg, run_dir=None, extra_callbacks=None, resume=False):
+        calls.append((Path(run_dir).name, resume))
+        return real_fit(cfg, run_dir, extra_callbacks, resume)
+
+    monkeypatch.setattr(run, "fit", spy)
+    resumed = {r.name: r for r in sweep.run_sweep(path, mode="offline", resume=sweep_dir,
+                                                  overrides=["trainer.num_threads=1"])}
+    assert calls == [("trial_001", True), ("trial_002", False)]
+    assert (sweep_dir / "trial_000" / "metrics.json").stat().st_mtime_ns == first  # read back, not rerun
+    assert resumed.keys() == whole.keys() == {"trial_000", "trial_001", "trial_002"}
+    for name, r in whole.items():
+        assert resumed[name].params == r.params
+        assert resumed[name].metric == pytest.approx(r.metric, rel=1e-6), name
+        assert resumed[name].metrics == pytest.approx(r.metrics, rel=1e-6), name
+    with pytest.raises(Exception, match="would change the trials"):
+        sweep.run_sweep(path, mode="offline", resume=sweep_dir, overrides=["optim.lr=0.1"])

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from wsi_lightning.data.manifest import load_manifest
 from wsi_lightning.data.multiscale import ClusterSampling, MultiScaleBagDataModule
@@ -140,3 +141,27 @@ def test_multiscale_evaluation_bags_fixed_across_epochs(ms_manifest: Path):
     again = [(b.features.clone(), b.mask.clone()) for b in dm.val_dataloader()]
     assert len(first) == len(dm.splits["val"]) > 0
     assert all(same(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_max_bag_size_subsets_are_the_same_in_any_worker_and_new_each_epoch(bag_data):
+    """BagDataset drew its max_bag_size subset with torch.randperm on each worker's own random
+    state, so the subset depended on num_workers."""
+    from wsi_lightning.data.bags import BagDataset
+    from wsi_lightning.data.manifest import load_manifest
+    from wsi_lightning.features.store import FeatureStore
+
+    m = load_manifest(bag_data, check_files=False)
+    store = FeatureStore(bag_data.parent / "store")
+    ids = list(m.df["slide_id"])[:4]
+    ds = BagDataset(store, ids, m.labels_by_slide(), max_bag_size=3, seed=7)
+    keys = [(i, e) for e in range(2) for i in range(len(ids))]
+
+    def draws(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(ds, sampler=keys, batch_size=None, num_workers=workers)
+        return [item["coords"] for item in loader]
+
+    one, two = draws(0), draws(2)
+    assert all(len(c) == 3 for c in one)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True)), "subsets depend on num_workers"
+    n = len(ids)
+    assert not all(torch.equal(one[i], one[n + i]) for i in range(n)), "the same subsets every epoch"

@@ -191,7 +191,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from wsi_lightning.sweep import run_sweep
 
     mode = "offline" if args.offline else "online" if args.online else "auto"
-    run_sweep(args.name, count=args.count, mode=mode, overrides=args.overrides)
+    run_sweep(args.name, count=args.count, mode=mode, overrides=args.overrides, resume=args.resume)
     return 0
 
 
@@ -265,6 +265,8 @@ def make_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--offline", action="store_true", help="local agent (sweeps package), no W&B server")
     g.add_argument("--online", action="store_true", help="W&B server sweep + agent")
+    s.add_argument("--resume", metavar="SWEEP_DIR", default=None,
+                   help="continue an interrupted offline sweep (runs/sweeps/<sweep>/<timestamp>)")
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("manifest", help="build a manifest from a public dataset's folder layout")

@@ -284,6 +284,19 @@ class TrialMonitor(L.Callback):
         self.stopped_epoch: int | None = None
 
     @property
+    def state_key(self) -> str:
+        return "TrialMonitor"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint, so a resumed trial keeps its history (its value and the
+        hyperband decisions read it)."""
+        return {"history": [dict(h) for h in self.history], "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.stopped_epoch = state.get("stopped_epoch")
+
+    @property
     def early_terminates(self) -> bool:
         return self.previous is not None and "early_terminate" in self.wandb_cfg
 
@@ -324,7 +337,7 @@ def trial_value(metric: str, goal: str, history: list[dict[str, float]],
 
 def run_trial(sweep_cfg: dict, params: dict[str, Any], trial_name: str, sweep_dir: Path,
               overrides: list[str] | None = None,
-              previous: list[SweepRun] | None = None) -> TrialRecord:
+              previous: list[SweepRun] | None = None, resume: bool = False) -> TrialRecord:
     """Run one trial: the experiment with the sweep's overrides, ``overrides``, then ``params``.
 
     Args:
@@ -334,11 +347,12 @@ def run_trial(sweep_cfg: dict, params: dict[str, Any], trial_name: str, sweep_di
         sweep_dir: the sweep's folder.
         overrides: extra ``key=value`` (command line).
         previous: finished trials, for offline hyperband early termination (None: none).
+        resume: continue the trial's interrupted fit from its ``last.ckpt``.
     """
     over = [*sweep_cfg.get("overrides", []), *(overrides or []), *param_overrides(params)]
     cfg = config.load(sweep_cfg["experiment"], over)
     monitor = TrialMonitor(trial_name, wandb_part(sweep_cfg), previous)
-    res = run.fit(cfg, run_dir=sweep_dir / trial_name, extra_callbacks=[monitor])
+    res = run.fit(cfg, run_dir=sweep_dir / trial_name, extra_callbacks=[monitor], resume=resume)
     m = sweep_cfg["metric"]
     value = trial_value(m["name"], m["goal"], monitor.history, res.metrics)
     if value is None:
@@ -351,15 +365,34 @@ def run_trial(sweep_cfg: dict, params: dict[str, Any], trial_name: str, sweep_di
 
 
 def _guarded_trial(sweep_cfg: dict, params: dict[str, Any], name: str, sweep_dir: Path,
-                   overrides: list[str], previous: list[SweepRun] | None) -> TrialRecord:
-    """``run_trial``; a crash (not a config error) is recorded as a failed trial."""
+                   overrides: list[str], previous: list[SweepRun] | None, resume: bool = False) -> TrialRecord:
+    """``run_trial``; a crash (not a config error) is recorded as a failed trial. The record is
+    written to ``<trial>/trial.json`` (what a resumed sweep reads back instead of rerunning)."""
     try:
-        return run_trial(sweep_cfg, params, name, sweep_dir, overrides, previous)
+        rec = run_trial(sweep_cfg, params, name, sweep_dir, overrides, previous, resume=resume)
     except WSIError:
         raise
     except Exception as e:
         log.exception("trial %s failed with parameters %s", name, params)
-        return TrialRecord(name, dict(params), None, sweep_dir / name, "failed", error=repr(e))
+        rec = TrialRecord(name, dict(params), None, sweep_dir / name, "failed", error=repr(e))
+    _write_record(sweep_dir / name / TRIAL_FILE, rec)
+    return rec
+
+
+TRIAL_FILE = "trial.json"
+
+
+def _write_record(path: Path, rec: TrialRecord) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**rec.__dict__, "run_dir": None if rec.run_dir is None else str(rec.run_dir)},
+                              default=_plain))
+    tmp.replace(path)
+
+
+def _read_record(path: Path) -> TrialRecord:
+    d = json.loads(path.read_text())
+    return TrialRecord(**{**d, "run_dir": None if d.get("run_dir") is None else Path(d["run_dir"])})
 
 
 def _finish_wandb_run() -> None:
@@ -371,7 +404,8 @@ def _finish_wandb_run() -> None:
 
 # ----------------------------------------------------------------------------- agents
 def run_sweep(name_or_path: str | Path, count: int | None = None, mode: str = "auto",
-              runs_dir: Path | None = None, overrides: list[str] | None = None) -> list[TrialRecord]:
+              runs_dir: Path | None = None, overrides: list[str] | None = None,
+              resume: str | Path | None = None) -> list[TrialRecord]:
     """Run a sweep and rank its trials.
 
     Args:
@@ -381,12 +415,18 @@ def run_sweep(name_or_path: str | Path, count: int | None = None, mode: str = "a
             the experiment's ``logger.wandb`` is enabled with ``mode: online``.
         runs_dir: replaces ``paths.runs``.
         overrides: ``key=value`` applied to every trial.
+        resume: the folder of an interrupted offline sweep: it continues with that sweep's
+            saved settings (``sweep.yaml``); finished trials are read back (``trial.json``),
+            the interrupted one resumes from its ``last.ckpt``, and the proposals replay (they
+            depend only on the seed and the finished trials' values).
 
     Returns:
         The trials, best first (failed ones last).
     """
     if mode not in MODES:
         raise ConfigError(f"sweep mode {mode!r}; expected one of {list(MODES)}")
+    if resume is not None:
+        return _resume_sweep(name_or_path, Path(resume), overrides or [])
     overrides = [*(overrides or []), *([f"paths.runs={runs_dir}"] if runs_dir else [])]
     path = sweep_path(name_or_path)
     sweep_cfg, cfg = _load(path, overrides)
@@ -410,6 +450,37 @@ def run_sweep(name_or_path: str | Path, count: int | None = None, mode: str = "a
             log.info("offline sweep: trials log to W&B offline (logger.wandb.mode=offline)")
             overrides = [*overrides, "logger.wandb.mode=offline"]
         records = _run_offline(sweep_cfg, count, sweep_dir, overrides, int(cfg.seed))
+    return summarize(records, sweep_cfg["metric"], sweep_dir)
+
+
+def _resume_sweep(name_or_path: str | Path, sweep_dir: Path, overrides: list[str]) -> list[TrialRecord]:
+    """Continue the offline sweep in ``sweep_dir`` (see :func:`run_sweep`)."""
+    saved = sweep_dir / "sweep.yaml"
+    if not saved.exists():
+        raise WSIError(f"--resume {sweep_dir}: not a sweep folder (no sweep.yaml); pass "
+                       "runs/sweeps/<sweep>/<timestamp>")
+    resolved = yaml.safe_load(saved.read_text())
+    if resolved.get("mode") != "offline":
+        raise WSIError(f"--resume {sweep_dir}: an online (W&B server) sweep; resume it with "
+                       f"`wandb agent {resolved.get('sweep_id', '<sweep id>')}`")
+    path = sweep_path(name_or_path)
+    sweep_cfg, _ = _load(path, [])
+    now = json.loads(json.dumps(dict(sweeps.SweepConfig(wandb_part(sweep_cfg))), default=str))
+    keys = ("method", "metric", "parameters", "early_terminate")
+    if any(now.get(k) != resolved.get(k) for k in keys):
+        raise WSIError(f"--resume {sweep_dir}: {path} has changed since that sweep started "
+                       "(method, metric or parameters differ); start a new sweep")
+    from wsi_lightning.config import is_execution_key, parse_overrides
+
+    keys = [k for k, _ in run._dotted(OmegaConf.to_container(parse_overrides(overrides)))]  # noqa: SLF001
+    refused = [k for k in keys if not is_execution_key(k)]
+    if refused:
+        raise WSIError(f"--resume {sweep_dir}: override(s) {refused} would change the trials; only "
+                       "execution settings (trainer.num_threads, data.num_workers, logger.*) may change")
+    trial_over = [*resolved.get("overrides", []), *overrides]
+    log.info("resuming sweep %s in %s", path.stem, sweep_dir)
+    records = _run_offline({**sweep_cfg, "overrides": []}, resolved.get("count"), sweep_dir, trial_over,
+                           int(resolved["seed"]))
     return summarize(records, sweep_cfg["metric"], sweep_dir)
 
 
@@ -438,12 +509,26 @@ def _run_offline(sweep_cfg: dict, count: int | None, sweep_dir: Path, overrides:
             log.info("grid exhausted after %d trials", len(records))
             break
         name = f"trial_{len(records):03d}"
-        log.info("%s (%d/%s): %s", name, len(records) + 1, count or "grid", params)
-        try:
-            rec = _guarded_trial(sweep_cfg, params, name, sweep_dir, overrides,
-                                 list(runs) if hyperband else None)
-        finally:
-            _finish_wandb_run()
+        trial_dir = sweep_dir / name
+        if (trial_dir / TRIAL_FILE).exists():  # a resumed sweep: this trial finished before
+            rec = _read_record(trial_dir / TRIAL_FILE)
+            if rec.params != params:
+                raise WSIError(f"{trial_dir}: recorded parameters {rec.params} differ from the replayed "
+                               f"proposal {params}; the sweep cannot be resumed, start a new one")
+            log.info("%s (%d/%s): done before (%s)", name, len(records) + 1, count or "grid", rec.state)
+        else:
+            resume = (trial_dir / "checkpoints" / "last.ckpt").exists() and not (trial_dir / "metrics.json").exists()
+            if trial_dir.exists() and not resume:
+                import shutil
+
+                shutil.rmtree(trial_dir)  # started but no epoch finished: start it again
+            log.info("%s (%d/%s): %s%s", name, len(records) + 1, count or "grid", params,
+                     " (resuming its interrupted fit)" if resume else "")
+            try:
+                rec = _guarded_trial(sweep_cfg, params, name, sweep_dir, overrides,
+                                     list(runs) if hyperband else None, resume=resume)
+            finally:
+                _finish_wandb_run()
         records.append(rec)
         runs.append(to_sweep_run(rec, metric))
         failures = failures + 1 if rec.state == "failed" else 0

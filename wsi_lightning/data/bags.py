@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from wsi_lightning.data.batch import Bag, collate_bags
 from wsi_lightning.data.manifest import Manifest, patient_split
@@ -76,9 +76,21 @@ class BagDataset(Dataset):
     """
 
     def __init__(self, store: FeatureStore, slide_ids: list[str], labels: dict[str, dict[str, int]],
-                 max_bag_size: int | None = None, scaler: FeatureScaler | None = None) -> None:
+                 max_bag_size: int | None = None, scaler: FeatureScaler | None = None, seed: int = 0) -> None:
         self.store, self.slide_ids, self.labels = store, list(slide_ids), labels
-        self.max_bag_size, self.scaler = max_bag_size, scaler
+        self.max_bag_size, self.scaler, self.seed = max_bag_size, scaler, int(seed)
+        self.epoch = 0  # of plain-index reads; loaders pass (index, epoch) keys
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def subset(self, n: int, i: int, epoch: int) -> torch.Tensor | None:
+        """The sorted ``max_bag_size`` instances of slide ``i`` at ``epoch`` (None: all), drawn
+        from ``(seed, i, epoch)``: the same in any worker, new each epoch."""
+        if not self.max_bag_size or n <= self.max_bag_size:
+            return None
+        rng = np.random.default_rng([self.seed, i, epoch + 1])
+        return torch.from_numpy(np.sort(rng.permutation(n)[: self.max_bag_size]))
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -88,15 +100,62 @@ class BagDataset(Dataset):
         feats, coords = self.store.read(sid)
         return (feats if self.scaler is None else self.scaler(feats)), coords
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = index_and_epoch(key, self.epoch)
         sid = self.slide_ids[i]
         feats, coords = self.read(sid)  # (N, D), (N, 2)
         feats_t, coords_t = torch.from_numpy(feats), torch.from_numpy(coords)
-        if self.max_bag_size and len(feats_t) > self.max_bag_size:
-            keep = torch.randperm(len(feats_t))[: self.max_bag_size].sort().values
+        keep = self.subset(len(feats_t), i, epoch)
+        if keep is not None:
             feats_t, coords_t = feats_t[keep], coords_t[keep]
         return {"features": feats_t, "coords": coords_t, "slide_id": sid,
                 "labels": {t: lab[sid] for t, lab in self.labels.items()}}
+
+
+# ----------------------------------------------------------------------------- epoch keys
+def index_and_epoch(key: int | tuple[int, int], epoch: int) -> tuple[int, int]:
+    """``(i, epoch)`` of a dataset key: an index, or an ``(index, epoch)`` pair."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), int(epoch)
+
+
+class EpochKeys:
+    """Mixin for an index sampler: yields ``(index, epoch)`` pairs instead of indices.
+
+    DataLoader workers (persistent ones included) hold copies of the dataset made when they
+    started, so an epoch set on the dataset in the main process never reaches them; the
+    sampler runs in the main process and its indices are sent to the workers, so the epoch
+    travels with each index. Lightning calls ``set_epoch`` on the training loader's sampler at
+    the start of every epoch (resumed runs included), before the epoch's batches are fetched.
+    """
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch  # fixed when the epoch's iterator is made
+        return ((int(i), epoch) for i in super().__iter__())
+
+
+class EpochRandomSampler(EpochKeys, RandomSampler):
+    """A shuffling sampler (torch's global RNG, as ``shuffle=True``) of ``(index, epoch)``."""
+
+
+class EpochDistributedSampler(EpochKeys, DistributedSampler):
+    """``DistributedSampler`` (shuffled by ``seed`` + epoch) of ``(index, epoch)`` pairs."""
+
+
+def epoch_sampler(dataset: Dataset, world: int = 1, rank: int = 0,
+                  seed: int = 0) -> EpochRandomSampler | EpochDistributedSampler:
+    """The training sampler of a dataset whose draws are seeded by ``(seed, index, epoch)``:
+    a shuffle of every index on one process, this rank's shuffled share under DDP."""
+    if world > 1:
+        return EpochDistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+    return EpochRandomSampler(dataset)
+
 
 
 class UnpaddedDistributedSampler(Sampler[int]):
@@ -192,7 +251,8 @@ class BagDataModule(L.LightningDataModule):
             self.scaler = FeatureScaler.fit(self.store, self.splits["train"], seed=int(s.get("seed", 0)))
         for name, ids in self.splits.items():
             mbs = self.max_bag_size if name == "train" else None
-            self.datasets[name] = BagDataset(self.store, ids, labels, max_bag_size=mbs, scaler=self.scaler)
+            self.datasets[name] = BagDataset(self.store, ids, labels, max_bag_size=mbs, scaler=self.scaler,
+                                             seed=int(s.get("seed", 0)))
         log.info("splits (slides): %s", {k: len(v) for k, v in self.splits.items()})
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -200,12 +260,12 @@ class BagDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler: Sampler | None = None
-        if world > 1:
-            sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=int(self.split_cfg.get("seed", 0)))
-                       if shuffle else UnpaddedDistributedSampler(len(ds), rank, world))
-        return DataLoader(ds, batch_size=self._batch_size(split), shuffle=shuffle and sampler is None,
-                          sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        if shuffle:  # (index, epoch) keys: the epoch reaches every worker (EpochKeys)
+            sampler = epoch_sampler(ds, world, rank, int(self.split_cfg.get("seed", 0)))
+        elif world > 1:
+            sampler = UnpaddedDistributedSampler(len(ds), rank, world)
+        return DataLoader(ds, batch_size=self._batch_size(split), sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     collate = staticmethod(collate_bags)
 

@@ -17,7 +17,7 @@ fresh bag per epoch; at test time ``test_bags`` random bags per slide whose prob
 module averages (MILModule groups rows of a batch that share a slide id).
 
 Randomness: a training bag of slide i at epoch e is drawn from ``(seed, i, e)`` (the training
-sampler yields ``(i, e)`` keys, see :class:`~wsi_lightning.data.sampling.EpochKeys`), evaluation
+sampler yields ``(i, e)`` keys, see :class:`~wsi_lightning.data.bags.EpochKeys`), evaluation
 bags from ``(seed, i)``; the K-means phenotypes are a function of the slide's features alone
 (fixed ``random_state``, one thread). So bags do not depend on ``num_workers`` or on which
 worker clustered a slide first.
@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from wsi_lightning.data.bags import BagDataModule, BagDataset
+from wsi_lightning.data.bags import BagDataModule, BagDataset, index_and_epoch
 from wsi_lightning.data.batch import Bag, collate_bags
-from wsi_lightning.data.sampling import epoch_sampler, index_and_epoch
 from wsi_lightning.errors import ConfigError, StoreError
 from wsi_lightning.registry import DATAMODULES
 
@@ -119,12 +118,8 @@ class MultiScaleBagDataset(BagDataset):
                  repeats: int = 1, seed: int = 0, train: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mode, self.scale, self.sampling, self.repeats = mode, scale, sampling, repeats
-        self.seed, self.train, self.epoch = seed, train, 0
+        self.seed, self.train = seed, train
         self._clusters: dict[str, np.ndarray] = {}  # slide id -> (N,) cluster ids, per process
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch of plain-index reads in this process (workers get ``(i, epoch)`` keys)."""
-        self.epoch = int(epoch)
 
     def clusters(self, sid: str, x: torch.Tensor) -> np.ndarray:
         """(N,) phenotype cluster of each row of slide `sid` ((N, S, D) features `x`), computed
@@ -213,18 +208,6 @@ class MultiScaleBagDataModule(BagDataModule):
                 scale=self.scale, sampling=self.sampling, repeats=repeats, seed=self.seed, train=name == "train")
 
     collate = staticmethod(collate_multiscale)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        """Training: a sampler of ``(index, epoch)`` keys (the epoch reaches every worker);
-        evaluation: :class:`BagDataModule`'s loaders."""
-        if not shuffle:
-            return super()._loader(split, shuffle)
-        ds = self.datasets[split]
-        world = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = epoch_sampler(ds, world, rank, int(self.split_cfg.get("seed", 0)))
-        return DataLoader(ds, batch_size=self._batch_size(split), sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _batch_size(self, split: str) -> int:
         return 1 if self.datasets[split].repeats > 1 else self.batch_size  # one slide's R bags a batch

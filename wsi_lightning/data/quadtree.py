@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from wsi_lightning.data.bags import BagDataModule, BagDataset
+from wsi_lightning.data.bags import BagDataModule, BagDataset, index_and_epoch
 from wsi_lightning.data.batch import Bag, LevelSet, collate_bags
 from wsi_lightning.errors import ConfigError, StoreError
 from wsi_lightning.registry import DATAMODULES
@@ -57,7 +57,8 @@ class QuadtreeBagDataset(BagDataset):
         super().__init__(*args, **kwargs)
         self.level = level
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = index_and_epoch(key, self.epoch)
         sid = self.slide_ids[i]
         levels = split_levels(self.store, sid, self.scaler)
         meta = {"slide_id": sid, "labels": {t: lab[sid] for t, lab in self.labels.items()}}
@@ -68,8 +69,8 @@ class QuadtreeBagDataset(BagDataset):
                 raise ConfigError(f"data.multiscale.scale={self.level} but slide '{sid}' has "
                                   f"{len(levels)} quadtree levels (0 = coarsest, -1 = finest)") from None
             feats, coords = lv["features"], lv["coords"]
-            if self.max_bag_size and len(feats) > self.max_bag_size:
-                keep = torch.randperm(len(feats))[: self.max_bag_size].sort().values
+            keep = self.subset(len(feats), i, epoch)
+            if keep is not None:
                 feats, coords = feats[keep], coords[keep]
             return {"features": feats, "coords": coords, **meta}
         attrs = self.store.attrs(sid)
@@ -121,6 +122,6 @@ class QuadtreeBagDataModule(BagDataModule):
         for name, ds in list(self.datasets.items()):
             self.datasets[name] = QuadtreeBagDataset(ds.store, ds.slide_ids, ds.labels,
                                                      max_bag_size=ds.max_bag_size, scaler=ds.scaler,
-                                                     level=self.level)
+                                                     seed=ds.seed, level=self.level)
 
     collate = staticmethod(collate_quadtree)

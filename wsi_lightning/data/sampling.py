@@ -16,8 +16,8 @@ training, at a resolution that depends on what they look at:
                         size chooses, black outside their content (4.3 step 6);
     SlideSamplingDataModule  the two datasets with the manifest / split / DDP conventions of
                         :class:`~wsi_lightning.data.bags.BagDataModule`;
-    EpochRandomSampler  training samplers of ``(index, epoch)`` keys, so that every draw is
-                        seeded by ``(seed, slide, epoch)`` in whichever worker reads it.
+    (training samplers of ``(index, epoch)`` keys, :class:`~wsi_lightning.data.bags.EpochKeys`,
+    seed every draw by ``(seed, slide, epoch)`` in whichever worker reads it)
 
 Level choice. A box of ``w x h`` level-0 pixels rendered at ``W x H`` output pixels needs
 ``r = min(w / W, h / H)`` level-0 pixels per output pixel on its finer axis. We read the
@@ -50,12 +50,13 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from wsi_lightning.data.bags import UnpaddedDistributedSampler
+from wsi_lightning.data.bags import UnpaddedDistributedSampler, epoch_sampler, index_and_epoch
 from wsi_lightning.data.batch import Bag
 from wsi_lightning.data.manifest import Manifest, patient_split
-from wsi_lightning.errors import ConfigError, NoTissueError, SlideError
+from wsi_lightning.errors import ConfigError, ManifestError, NoTissueError, SlideError
+from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.registry import DATAMODULES
 from wsi_lightning.slides.reader import MPP_RTOL, SlideCache, SlideReader
 from wsi_lightning.slides.tissue import segment_tissue
@@ -355,51 +356,6 @@ def read_frames(reader: SlideReader, frames: np.ndarray, contents: np.ndarray, s
     return out, levels, read_px
 
 
-# ----------------------------------------------------------------------------- epoch keys
-def index_and_epoch(key: int | tuple[int, int], epoch: int) -> tuple[int, int]:
-    """``(i, epoch)`` of a dataset key: an index, or an ``(index, epoch)`` pair."""
-    if isinstance(key, tuple):
-        return int(key[0]), int(key[1])
-    return int(key), int(epoch)
-
-
-class EpochKeys:
-    """Mixin for an index sampler: yields ``(index, epoch)`` pairs instead of indices.
-
-    DataLoader workers (persistent ones included) hold copies of the dataset made when they
-    started, so an epoch set on the dataset in the main process never reaches them; the
-    sampler runs in the main process and its indices are sent to the workers, so the epoch
-    travels with each index. Lightning calls ``set_epoch`` on the training loader's sampler at
-    the start of every epoch (resumed runs included), before the epoch's batches are fetched.
-    """
-
-    epoch: int = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch  # fixed when the epoch's iterator is made
-        return ((int(i), epoch) for i in super().__iter__())
-
-
-class EpochRandomSampler(EpochKeys, RandomSampler):
-    """A shuffling sampler (torch's global RNG, as ``shuffle=True``) of ``(index, epoch)``."""
-
-
-class EpochDistributedSampler(EpochKeys, DistributedSampler):
-    """``DistributedSampler`` (shuffled by ``seed`` + epoch) of ``(index, epoch)`` pairs."""
-
-
-def epoch_sampler(dataset: Dataset, world: int = 1, rank: int = 0,
-                  seed: int = 0) -> EpochRandomSampler | EpochDistributedSampler:
-    """The training sampler of a dataset whose draws are seeded by ``(seed, index, epoch)``:
-    a shuffle of every index on one process, this rank's shuffled share under DDP."""
-    if world > 1:
-        return EpochDistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
-    return EpochRandomSampler(dataset)
-
-
 # ----------------------------------------------------------------------------- datasets
 @dataclass(frozen=True)
 class SlideRef:
@@ -592,7 +548,8 @@ class TissuePatchDataset(_SlideDataset):
             return None
         key = json.dumps({"path": ref.path, "mpp": ref.mpp, **self.tissue_kwargs}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return self.tissue_cache / f"{ref.slide_id}-{digest}.npz"
+        sid = safe_slide_id(ref.slide_id, where=f"tissue cache {self.tissue_cache}", error=ManifestError)
+        return self.tissue_cache / f"{sid}-{digest}.npz"
 
     def candidates(self, tp: TissuePositions, slide_mpp: float, side0: float,
                    rng: np.random.Generator) -> np.ndarray:
@@ -600,7 +557,8 @@ class TissuePatchDataset(_SlideDataset):
         mask = tp.mask()
         flat = np.flatnonzero(mask)
         if len(flat) == 0:
-            raise NoTissueError("the tissue mask is empty; lower the tissue thresholds")
+            raise NoTissueError("the tissue mask is empty; check the slide (or its mpp), or try a finer "
+                                "tiling.thumb_mpp (the segmentation thumbnail)")
         k = 2 * self.n_patches
         iy, ix = np.divmod(flat[rng.integers(0, len(flat), k)], mask.shape[1])
         s = tp.mpp / slide_mpp  # level-0 pixels per mask pixel
@@ -786,7 +744,7 @@ class SlideSamplingDataModule(L.LightningDataModule):
         resample: resize filter of :class:`RegionSampler`.
         seed: sampling / augmentation seed (and the DDP shuffle seed when ``split`` has none).
             A training draw of slide i at epoch e is seeded by ``(seed, i, e)``: the training
-            sampler yields ``(i, e)`` keys (:class:`EpochKeys`) and Lightning sets its epoch,
+            sampler yields ``(i, e)`` keys (:class:`~wsi_lightning.data.bags.EpochKeys`) and Lightning sets its epoch,
             so draws are the same for any ``num_workers`` (persistent workers included) and
             differ between epochs. Outside a Trainer, call ``loader.sampler.set_epoch(e)``.
         test_draws: patches mode: random draws of ``n_patches`` per slide at validation / test

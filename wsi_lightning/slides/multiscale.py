@@ -472,8 +472,8 @@ def _coarse_tiles(
     if not keep.any():
         raise NoTissueError(
             f"slide {reader.path}: no {what} tile has >= {min_tissue:.0%} tissue "
-            f"({tissue.tissue_fraction:.1%} of the thumbnail is tissue); lower min_tissue or "
-            "tile_size, or check the tissue mask (save_tissue_png)"
+            f"({tissue.tissue_fraction:.1%} of the thumbnail is tissue); lower tiling.min_tissue or "
+            "tiling.tile_size, or check the tissue mask (<store>/tiles/qc/<slide>.png)"
         )
     return coords[keep], fraction[keep]
 
