@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.demo.dataset import make_demo_dataset
 from wsi_lightning.features.backbones import build_backbone
 from wsi_lightning.features.extract import (
     ErrorReport,
@@ -38,7 +38,7 @@ from wsi_lightning.features.extract import (
     plan_manifest,
 )
 from wsi_lightning.features.store import FeatureStore
-from wsi_lightning.slides.demo import make_demo_dataset
+from wsi_lightning.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 SETTINGS = (

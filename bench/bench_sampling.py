@@ -37,10 +37,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from wsi_lightning.data.manifest import load_manifest
 from wsi_lightning.data.sampling import SlideSamplingDataModule
+from wsi_lightning.demo.synthetic import render, sample_spec
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.slides.pyramid import write_pyramid_tiff
-from wsi_lightning.slides.synthetic import render, sample_spec
 
 log = logging.getLogger(__name__)
 

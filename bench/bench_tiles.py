@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from wsi_lightning.slides import SlideReader, segment_tissue, tile_slide
+from wsi_lightning.demo.synthetic import render, sample_spec
+from wsi_lightning.slides import SlideReader, segment_tissue, tile_slide, write_pyramid_tiff
 from wsi_lightning.slides.fastpath import decode_tile
 from wsi_lightning.slides.reader import rgba_to_rgb
-from wsi_lightning.slides.synthetic import render, sample_spec, write_pyramid_tiff
 
 log = logging.getLogger(__name__)
 

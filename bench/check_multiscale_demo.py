@@ -53,8 +53,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from wsi_lightning.demo import make_demo_dataset
 from wsi_lightning.features.backbones import build_backbone
-from wsi_lightning.slides import SlideReader, make_demo_dataset, segment_tissue
+from wsi_lightning.slides import SlideReader, segment_tissue
 
 log = logging.getLogger(__name__)
 

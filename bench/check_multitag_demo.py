@@ -45,7 +45,8 @@ from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from wsi_lightning.slides import SlideReader, make_demo_dataset, multitag, segment_tissue
+from wsi_lightning.demo import make_demo_dataset, multitag
+from wsi_lightning.slides import SlideReader, segment_tissue
 
 log = logging.getLogger(__name__)
 

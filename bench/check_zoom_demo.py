@@ -56,8 +56,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import LeaveOneOut, cross_val_predict
 
+from wsi_lightning.demo import make_demo_dataset
 from wsi_lightning.features.backbones import build_backbone
-from wsi_lightning.slides import SlideReader, make_demo_dataset, segment_tissue
+from wsi_lightning.slides import SlideReader, segment_tissue
 
 try:  # python -m bench.check_zoom_demo
     from bench.check_multiscale_demo import _box_fraction, _fit_predict, _model
@@ -209,8 +210,8 @@ def paired_shortcuts(n_pairs: int, seed: int) -> dict[str, float]:
     that mean across all regions). |effect| <= 0.2 means a classifier on that number has
     label AUC <= ~0.56.
     """
-    from wsi_lightning.slides.paint import Canvas, polygon_mask
-    from wsi_lightning.slides.synthetic import render, sample_spec
+    from wsi_lightning.demo.paint import Canvas, polygon_mask
+    from wsi_lightning.demo.synthetic import render, sample_spec
 
     factor = round(THUMB_MPP / 0.5)
     stats: dict[str, list[tuple[float, float]]] = {}

@@ -44,3 +44,22 @@ def quadtree_bag(d: int, b: int = 2, n0: int = 3, levels: int = 3, pad_to: int |
                              extent, 0.5 * 2 ** (levels - 1 - lvl)))
     fin = sets[-1]
     return Bag(fin.features, fin.mask, fin.coords, {}, [f"s{i}" for i in range(b)], sets)
+
+
+# Test settings of the registered methods (never production code): the same code at small
+# widths (paper widths take minutes on CPU) ...
+CONTRACT_KWARGS: dict[str, dict] = {
+    "gcn": {"hidden_dims": (16, 16)},
+    "hag_mil": {"hidden_dims": (32, 48, 16, 32), "final_dim": 32, "attn_dim": 16, "gate_dim": 8, "heads": 2},
+    "transmil": {"embed_dim": 32, "heads": 4},
+    "end_to_end": {"backbone": "demo_cnn", "pretrained": False, "resize": None, "crop": 24, "mil": "abmil"},
+    "magnet": {"patches": (2, 2), "in_size": 16, "source_size": 32, "last_source_size": 32, "leaf_size": 32, "backbone": "demo_cnn", "aux_backbone": "demo_cnn", "pretrained": False, "aux_layers": (1, 2), "gru_hidden": 16, "mlp": (16, 8), "lin_samples": 4, "grey_tol": None},
+    "patch_transformer": {"attn_dim": 8},
+    "two_branches": {"embed_dim": 16, "attn_dim": 8},
+}
+# ... and parameters whose gradient is 0 by design: the bias of an attention score feeds only
+# a softmax (shift-invariant)
+ZERO_GRAD_PARAMS: dict[str, tuple[str, ...]] = {
+    "hag_mil": (".score.c.bias",),
+    "clam_sb": (".score.c.bias",),
+}

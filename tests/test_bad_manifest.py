@@ -17,8 +17,8 @@ from tests.conftest import REPO, feature_cfg_overrides
 from wsi_lightning.callbacks.attention_logger import AttentionLogger
 from wsi_lightning.callbacks.roi_tree import ROITree
 from wsi_lightning.cli import main
-from wsi_lightning.data.manifest import load_manifest, patient_split
 from wsi_lightning.errors import ManifestError, NoTissueError
+from wsi_lightning.manifest import load_manifest, patient_split
 from wsi_lightning.slides import SlideReader, segment_tissue, tile_slide, write_pyramid_tiff
 from wsi_lightning.slides.tiling import tile_file, write_tile_file
 from wsi_lightning.slides.tissue import TissueMask, tissue_qc_path

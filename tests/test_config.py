@@ -11,7 +11,7 @@ from wsi_lightning.errors import ConfigError
 
 
 def test_every_experiment_loads_and_builds_its_method():
-    from wsi_lightning.methods.patch_baselines import PatchBaseline
+    from wsi_lightning.methods.base import SlideEstimator
 
     names = config.list_experiments()
     assert "abmil" in names
@@ -20,8 +20,8 @@ def test_every_experiment_loads_and_builds_its_method():
             cfg = config.load(name, demo=demo)
             assert cfg.name == name
             cls, kwargs = build.method_kwargs(cfg)
-            if cls is PatchBaseline:  # two-step scikit-learn baselines: no torch parameters
-                PatchBaseline(**kwargs)
+            if issubclass(cls, SlideEstimator):  # two-step scikit-learn baselines: no torch parameters
+                cls(**kwargs)
                 continue
             model = cls(in_dim=8, num_classes={"label": 2}, **kwargs)
             assert sum(p.numel() for p in model.parameters()) > 0
@@ -142,3 +142,14 @@ def test_yaml_errors_and_python_tags_are_named_config_errors(tmp_path: Path, tex
     exp.write_text(text)
     with pytest.raises(ConfigError, match=rf"bad.yaml.*{re.escape(fragment)}"):
         config.load(str(exp))
+
+
+@pytest.mark.parametrize("exp, override, fix", [
+    ("abmil", "method.name=cs_mil", "tiling.multiscale.mode=concentric data.multiscale.mode=stack"),
+    ("abmil", "method.name=hag_mil", "tiling.multiscale.mode=quadtree data.multiscale.mode=stack"),
+    ("cs_mil", "method.name=abmil", "data.multiscale.mode=select"),
+])
+def test_method_input_kind_and_data_config_must_agree_at_config_time(exp: str, override: str, fix: str):
+    """A mismatched YAML used to fail inside forward, after the data work."""
+    with pytest.raises(ConfigError, match=re.escape(fix)):
+        build.method_kwargs(config.load(exp, [override]))

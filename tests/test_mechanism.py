@@ -15,6 +15,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from tests.methods_helpers import CONTRACT_KWARGS
 from wsi_lightning import mechanism as mech
 from wsi_lightning.callbacks.mechanism import Mechanism
 from wsi_lightning.data.batch import Bag, LevelSet
@@ -144,10 +145,10 @@ def test_cross_scale_and_roi_summaries():
 # ----------------------------------------------------------------------------- HAG-MIL extras
 def test_hag_mil_maps_index_the_scored_tiles_of_each_level():
     from tests.methods_helpers import quadtree_bag
-    from wsi_lightning.methods.hag_mil import HAGMIL, HAGMILNet
+    from wsi_lightning.methods.hag_mil import HAGMILNet
 
     torch.manual_seed(0)
-    net = HAGMILNet(8, {"label": 2}, n_levels=3, t_patch=1, v_patch=2, **HAGMIL.contract_kwargs).eval()
+    net = HAGMILNet(8, {"label": 2}, n_levels=3, t_patch=1, v_patch=2, **CONTRACT_KWARGS["hag_mil"]).eval()
     bag = quadtree_bag(8, b=2, n0=4, pad_to=5)
     with torch.no_grad():
         maps = net(bag).extras["maps"]

@@ -8,11 +8,12 @@ import lightning as L
 import pytest
 import torch
 
-from tests.methods_helpers import quadtree_bag
+from tests.methods_helpers import CONTRACT_KWARGS, ZERO_GRAD_PARAMS, quadtree_bag
 from wsi_lightning.build import import_registered
 from wsi_lightning.data.bags import BagDataModule
 from wsi_lightning.data.batch import Bag
-from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.manifest import load_manifest
+from wsi_lightning.methods.base import MILModule
 from wsi_lightning.registry import METHODS
 
 import_registered()
@@ -35,12 +36,13 @@ def make_bag(b: int = 3, n: int = 12, pad_to: int | None = None, seed: int = 0, 
 
 
 def kind_of(name: str) -> str:
-    return getattr(METHODS.get(name), "input_kind", "bag")
+    return METHODS.get(name).input_kind
 
 
 # Methods trained end to end on whole slides (input_kind "slide": magnet) take no feature bags;
 # their contract tests (shapes, gradients, fast_dev_run, checkpoints) are in tests/methods/.
-BAG_METHODS = [n for n in METHODS.names() if kind_of(n) != "slide"]
+# The two-step scikit-learn baselines (SlideEstimator) have no torch module: tests/methods/test_patch_baselines.py.
+BAG_METHODS = [n for n in METHODS.names() if kind_of(n) != "slide" and issubclass(METHODS.get(n), MILModule)]
 
 
 def bag_for(name: str, b: int = 3, n: int = 12, pad_to: int | None = None, seed: int = 0) -> Bag:
@@ -63,7 +65,7 @@ def bag_for(name: str, b: int = 3, n: int = 12, pad_to: int | None = None, seed:
 
 def small(name: str) -> dict:
     """A method's ``contract_kwargs``: the same code at small widths (paper widths are slow on CPU)."""
-    return dict(getattr(METHODS.get(name), "contract_kwargs", {}))
+    return dict(CONTRACT_KWARGS.get(name, {}))
 
 
 def build(name: str, task: str = "single"):
@@ -72,7 +74,7 @@ def build(name: str, task: str = "single"):
 
 def scales_of(name: str) -> int | None:
     """Multi-scale methods take (B, N, S, D) bags."""
-    return S if getattr(METHODS.get(name), "input_kind", "bag") == "multiscale" else None
+    return S if METHODS.get(name).input_kind == "multiscale" else None
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -128,7 +130,7 @@ def test_every_parameter_gets_a_gradient(name: str):
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
-        if pname.endswith(tuple(getattr(METHODS.get(name), "zero_grad_params", ()))):
+        if pname.endswith(ZERO_GRAD_PARAMS.get(name, ())):
             continue  # declared mathematically zero (e.g. a bias under a softmax)
         assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
 

@@ -87,7 +87,7 @@ def test_ddp_two_processes_cover_every_slide_once(bag_data: Path, tmp_path: Path
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = Path(next(line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("RUN_DIR")))
-    from wsi_lightning.data.manifest import load_manifest, patient_split
+    from wsi_lightning.manifest import load_manifest, patient_split
 
     m = load_manifest(bag_data, "label", check_files=False)
     splits = patient_split(m, val=0.3, test=0.3)

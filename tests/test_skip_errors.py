@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from wsi_lightning.cli import main
-from wsi_lightning.slides.demo import make_demo_dataset
+from wsi_lightning.demo.dataset import make_demo_dataset
 
 OVER = ["tiling.tile_size=64", "tiling.mpp=1.0", "features.backbone=demo_cnn", "features.pretrained=false",
         "features.num_workers=0", "features.accelerator=cpu", "features.batch_size=32"]

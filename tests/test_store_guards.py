@@ -15,12 +15,12 @@ import pytest
 import zarr
 
 from wsi_lightning.data.bags import BagDataset, FeatureScaler
-from wsi_lightning.data.manifest import load_manifest
 from wsi_lightning.errors import StoreError
 from wsi_lightning.features import extract as ex
 from wsi_lightning.features import store as store_mod
 from wsi_lightning.features.backbones import build_backbone
 from wsi_lightning.features.store import STALE_AGE_S, FeatureStore
+from wsi_lightning.manifest import load_manifest
 
 TILING = {"tile_size": 64, "mpp": 1.0, "min_tissue": 0.5, "thumb_mpp": 8.0,
           "multiscale": {"mode": "none", "context": [1, 2, 4], "levels": 3, "min_child_tissue": None}}
@@ -194,7 +194,7 @@ def test_mixed_feature_dims_always_raise(store: FeatureStore) -> None:
 
 @pytest.fixture(scope="module")
 def demo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from wsi_lightning.slides.demo import make_demo_dataset
+    from wsi_lightning.demo.dataset import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_slides=3, seed=3, workers=1, size_um=768.0)
 

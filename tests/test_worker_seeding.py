@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from wsi_lightning.data.manifest import load_manifest
 from wsi_lightning.data.multiscale import ClusterSampling, MultiScaleBagDataModule
 from wsi_lightning.data.sampling import SlideSamplingDataModule
 from wsi_lightning.features.store import FeatureStore
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.slides.pyramid import write_pyramid_tiff
 
 EPOCHS = 4
@@ -147,8 +147,8 @@ def test_max_bag_size_subsets_are_the_same_in_any_worker_and_new_each_epoch(bag_
     """BagDataset drew its max_bag_size subset with torch.randperm on each worker's own random
     state, so the subset depended on num_workers."""
     from wsi_lightning.data.bags import BagDataset
-    from wsi_lightning.data.manifest import load_manifest
     from wsi_lightning.features.store import FeatureStore
+    from wsi_lightning.manifest import load_manifest
 
     m = load_manifest(bag_data, check_files=False)
     store = FeatureStore(bag_data.parent / "store")

@@ -55,7 +55,7 @@ def manifest_path(cfg: DictConfig) -> Path:
     """The manifest of the run; in demo mode the demo set is generated first if missing."""
     if not cfg.data.is_demo:
         return Path(cfg.data.manifest)
-    from wsi_lightning.slides.synthetic import make_demo_dataset
+    from wsi_lightning.demo import make_demo_dataset
 
     d = dict(to_dict(cfg.data.demo))
     n = d.pop("n_slides")
@@ -79,9 +79,9 @@ def store_path(cfg: DictConfig) -> Path:
 
 def build_datamodule(cfg: DictConfig) -> Any:
     from wsi_lightning.data.bags import BagDataModule
-    from wsi_lightning.data.manifest import check_slide_files, load_manifest
     from wsi_lightning.features.extract import expected_provenance, extract_features
     from wsi_lightning.features.store import FeatureStore
+    from wsi_lightning.manifest import check_slide_files, load_manifest
 
     targets = list(cfg.data.tag_cols) if cfg.data.task == "multitag" else [cfg.data.label_col]
     classes = to_dict(cfg.data.classes)
@@ -156,14 +156,13 @@ def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     import_registered()
     m = dict(to_dict(cfg.method))
     name = m.pop("name")
-    from wsi_lightning.methods.patch_baselines import BASELINES, PatchBaseline
+    from wsi_lightning.methods.base import SlideEstimator
 
-    if name in BASELINES:  # two-step scikit-learn baselines: not LightningModules (run.fit dispatches)
-        cls = PatchBaseline
-        valid = {k: v.default for k, v in inspect.signature(PatchBaseline.__init__).parameters.items()
-                 if k not in ("self", "classifier", "seed")}
+    cls = METHODS.get(name)
+    if issubclass(cls, SlideEstimator):  # not a LightningModule: run.fit dispatches on the class
+        valid = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
+                 if k not in ("self", "seed")}
     else:
-        cls = METHODS.get(name)
         valid = {**net_arguments(cls.Net), **module_arguments(cls)}
     unknown = sorted(set(m) - set(valid))
     if unknown:
@@ -172,10 +171,33 @@ def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in m]
     if missing:
         raise ConfigError(f"method '{name}' needs config key(s) {['method.' + k for k in missing]}")
-    params = {} if cls is PatchBaseline else _signature_params(cls)
+    _check_input_kind(name, cls.input_kind, cfg)
+    params = dict(inspect.signature(cls.__init__).parameters) if issubclass(cls, SlideEstimator) else _signature_params(cls)
     for k, v in m.items():
         check_value(f"method.{k}", v, _param_types(params.get(k), valid[k]))
     return cls, m
+
+
+def _check_input_kind(name: str, kind: str, cfg: DictConfig) -> None:
+    """The method's input kind and the data config agree (a config-time error, not a shape
+    error inside ``forward``). Plain-bag methods also run on one view of a multi-scale store
+    (``data.multiscale.mode`` select / flatten / sum / concat: the single-scale rows of the
+    CS-MIL and HAG-MIL tables); multi-scale and quadtree methods need every scale (``stack``)."""
+    tiling, view = str(cfg.tiling.multiscale.mode), str(cfg.data.multiscale.mode)
+    fix = None
+    if kind == "multiscale" and (tiling, view) != ("concentric", "stack"):
+        fix = "tiling.multiscale.mode=concentric data.multiscale.mode=stack"
+    elif kind == "quadtree" and (tiling, view) != ("quadtree", "stack"):
+        fix = "tiling.multiscale.mode=quadtree data.multiscale.mode=stack"
+    elif kind == "bag" and tiling != "none" and view == "stack":
+        fix = ("data.multiscale.mode=select (one scale; or flatten / sum / concat for concentric "
+               "stores), or tiling.multiscale.mode=none")
+    elif kind not in ("bag", "multiscale", "quadtree", "patches", "slide"):
+        raise ConfigError(f"method '{name}' declares input_kind={kind!r}; expected bag, multiscale, "
+                          "quadtree, patches or slide")
+    if fix:
+        raise ConfigError(f"method '{name}' takes {kind} input, but the config gives "
+                          f"tiling.multiscale.mode={tiling} with data.multiscale.mode={view}; set {fix}")
 
 
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {
@@ -348,11 +370,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer
         use_distributed_sampler=False,  # BagDataModule shards itself (unpadded val/test)
     )
     method = METHODS.get(str(cfg.method.name)) if str(cfg.method.name) in METHODS else None
-    if getattr(method, "find_unused_parameters", False) and t["strategy"] in ("auto", "ddp"):
+    if method is not None and getattr(method, "find_unused_parameters", False) and t["strategy"] in ("auto", "ddp"):
         # methods stepping sub-models separately (HAG-MIL's levels) leave parameters out of a
         # backward; DDP must look for them (only matters with several devices)
         kwargs["strategy"] = "ddp_find_unused_parameters_true" if _multi_device(t) else t["strategy"]
-    if getattr(method, "manual_optimization", False) and t["accumulate_grad_batches"] != 1:
+    if method is not None and issubclass(method, L.LightningModule) and method.automatic_optimization is False \
+            and t["accumulate_grad_batches"] != 1:
         raise ConfigError(f"{cfg.method.name} optimises manually; trainer.accumulate_grad_batches must be 1")
     kwargs.update(overrides)
     return L.Trainer(**kwargs)

@@ -62,7 +62,7 @@ def _cfg_for_manifest(args: argparse.Namespace):
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from wsi_lightning.build import demo_folder
-    from wsi_lightning.slides.synthetic import make_demo_dataset
+    from wsi_lightning.demo import make_demo_dataset
 
     out = args.out or demo_folder("data", args.task, args.n_slides, args.seed)
     path = make_demo_dataset(Path(out), n_slides=args.n_slides, seed=args.seed, workers=args.workers, task=args.task)
@@ -93,8 +93,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_tile(args: argparse.Namespace) -> int:
     from wsi_lightning.config import to_dict
-    from wsi_lightning.data.manifest import load_manifest
     from wsi_lightning.features.extract import plan_manifest
+    from wsi_lightning.manifest import load_manifest
 
     cfg = _cfg_for_manifest(args)
     # --skip-errors: a missing slide file is recorded and skipped like any other failing slide
@@ -112,9 +112,9 @@ def cmd_tile(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from wsi_lightning import build
     from wsi_lightning.config import to_dict
-    from wsi_lightning.data.manifest import load_manifest
     from wsi_lightning.features.extract import ErrorReport, extract_features
     from wsi_lightning.features.store import FeatureStore
+    from wsi_lightning.manifest import load_manifest
 
     cfg = _cfg_for_manifest(args)
     m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols),

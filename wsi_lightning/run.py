@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from wsi_lightning import build
 from wsi_lightning.config import save_resolved
 from wsi_lightning.errors import WSIError
+from wsi_lightning.methods.base import SlideEstimator
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "WSI_RUN_DIR"
@@ -141,11 +142,9 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
         if ckpt_path:
             build.trim_metrics_csv(run_dir, int(torch.load(ckpt_path, map_location="cpu", mmap=True,
                                                             weights_only=True)["epoch"]))
-    build.method_kwargs(cfg)  # config errors fail here, before any data is generated or extracted
-    from wsi_lightning.methods import patch_baselines
-
-    if str(cfg.method.name) in patch_baselines.BASELINES:  # two-step scikit-learn baselines
-        return patch_baselines.run_from_config(cfg, run_dir)
+    cls, kwargs = build.method_kwargs(cfg)  # config errors fail here, before any data work
+    if issubclass(cls, SlideEstimator):  # two-step scikit-learn baselines
+        return _fit_estimator(cfg, cls(seed=int(cfg.seed), **kwargs), run_dir)
     build.build_callbacks(cfg, run_dir)
     if cfg.data.is_demo:
         log.info("no data.manifest configured: running on the built-in synthetic demo data "
@@ -181,6 +180,19 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
                        ckpt or None)
     if trainer.is_global_zero:
         _write_metrics(result, cfg)
+    return result
+
+
+def _fit_estimator(cfg: DictConfig, estimator: SlideEstimator, run_dir: Path) -> RunResult:
+    """A ``SlideEstimator`` row (``wsi fit patch_lr``): build the data, fit, predict val / test,
+    and write ``config.resolved.yaml`` and ``metrics.json`` as a Lightning fit does."""
+    dm = build.build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    save_resolved(cfg, run_dir)
+    metrics = estimator.evaluate(dm, run_dir)
+    result = RunResult(run_dir, {k: v for k, v in metrics.items() if k.startswith("test/")}, None)
+    _write_metrics(result, cfg)
     return result
 
 

@@ -21,9 +21,9 @@ from tests.conftest import REPO, feature_cfg_overrides, make_feature_bags
 from wsi_lightning import build, config, run
 from wsi_lightning.callbacks.attention_logger import AttentionLogger
 from wsi_lightning.data.batch import Bag
-from wsi_lightning.data.manifest import load_manifest
 from wsi_lightning.errors import ConfigError
 from wsi_lightning.features.store import FeatureStore
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.methods.base import MILOutput
 from wsi_lightning.registry import CALLBACKS
 
@@ -37,8 +37,8 @@ LOGGER = "wsi_lightning.callbacks.attention_logger"
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """7 tiny demo slides and their demo_cnn feature store. With 4 slides, val/test 0.25 of
     2 cases per label both round to 0; with 3-4 per label each holds one case per label."""
+    from wsi_lightning.demo.dataset import make_demo_dataset
     from wsi_lightning.features.extract import extract_features
-    from wsi_lightning.slides.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("attn_demo")
     manifest = make_demo_dataset(root / "demo", n_slides=7, seed=3, workers=1, size_um=768.0)

@@ -13,8 +13,8 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 
 from wsi_lightning.callbacks.confusion import ConfusionMatrix
 from wsi_lightning.data.bags import BagDataModule
-from wsi_lightning.data.manifest import load_manifest
 from wsi_lightning.errors import ArgumentError
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.methods.abmil import ABMIL
 from wsi_lightning.registry import CALLBACKS
 

@@ -84,7 +84,7 @@ def test_arguments_and_method_checked_up_front(manifest):
         ParadoxicalLoss(coarse="layer1", fine="layer1")
     from wsi_lightning.methods.abmil import ABMIL
 
-    with pytest.raises(ArgumentError, match="register_loss"):
+    with pytest.raises(ArgumentError, match="no auxiliary classifiers"):
         ParadoxicalLoss().setup(None, ABMIL(in_dim=4, num_classes={"y": 2}), "fit")
     model = MagNet(in_dim=3, num_classes={"label": 2}, **AUX)
     ParadoxicalLoss().setup(None, model, "fit")  # layer3 does not exist in a 2-layer tree

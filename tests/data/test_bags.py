@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wsi_lightning.data.bags import BagDataModule, UnpaddedDistributedSampler
-from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.errors import StoreError
 from wsi_lightning.features.store import FeatureStore
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from wsi_lightning.data.camelyon16 import build_camelyon16_manifest, parse_asap_xml
-from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.errors import ManifestError
 
 # tumor_001: a square tumour written with its vertices out of document order, an exclusion inside

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import feature_cfg_overrides
 from wsi_lightning import config, run
-from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.data.multiscale import ClusterSampling, MultiScaleBagDataModule
 from wsi_lightning.features.store import FeatureStore
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import make_quadtree_bags
-from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.data.quadtree import QuadtreeBagDataModule, collate_quadtree, split_levels
 from wsi_lightning.errors import StoreError
 from wsi_lightning.features.store import FeatureStore

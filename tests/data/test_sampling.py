@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from wsi_lightning.data.bags import UnpaddedDistributedSampler
-from wsi_lightning.data.manifest import load_manifest, patient_split
+from wsi_lightning.manifest import load_manifest, patient_split
 from wsi_lightning.data.sampling import (
     GreyFilter,
     RegionSampler,

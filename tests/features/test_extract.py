@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wsi_lightning.data.manifest import load_manifest
+from wsi_lightning.demo.dataset import make_demo_dataset
 from wsi_lightning.errors import WSIError
 from wsi_lightning.features import extract as ex
 from wsi_lightning.features.store import FeatureStore
-from wsi_lightning.slides.demo import make_demo_dataset
+from wsi_lightning.manifest import load_manifest
 
 TILING = {"tile_size": 64, "mpp": 1.0, "min_tissue": 0.5, "thumb_mpp": 8.0}
 FEATS = {"backbone": "demo_cnn", "pretrained": False, "weights": None, "batch_size": 32,

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.methods_helpers import CONTRACT_KWARGS
 from wsi_lightning.data.batch import Bag
 from wsi_lightning.methods.clam_sb import CLAMSB, clam_instance_loss
-from wsi_lightning.methods.transmil import PPEG, TransMIL, TransMILNet, square_layout
+from wsi_lightning.methods.transmil import PPEG, TransMILNet, square_layout
 
 D = 8
 
@@ -122,7 +123,7 @@ def test_ppeg_matches_the_bags_own_grid_whatever_the_batch():
 
 def test_transmil_bag_alone_equals_bag_in_batch_and_interleaved_padding():
     torch.manual_seed(0)
-    net = TransMILNet(D, {"label": 3}, **TransMIL.contract_kwargs).eval()
+    net = TransMILNet(D, {"label": 3}, **CONTRACT_KWARGS["transmil"]).eval()
     batch = _bag([5, 40], 40)  # sides 3 and 7
     alone = Bag(batch.features[:1, :5], batch.mask[:1, :5], batch.coords[:1, :5], {}, ["s0"])
     perm = torch.tensor([7, 0, 8, 1, 2, 9, 3, 10, 4, 11])  # valid instances 0..4 interleaved with padding
@@ -135,4 +136,4 @@ def test_transmil_bag_alone_equals_bag_in_batch_and_interleaved_padding():
     torch.testing.assert_close(a.attention[0], b.attention[0, :5], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(c.attention[0, perm.argsort()[:5]], a.attention[0], rtol=1e-4, atol=1e-6)
     assert (c.attention[0][~inter.mask[0]] == 0).all()
-    assert TransMILNet(D, {"label": 3}, cls_attention=False, **TransMIL.contract_kwargs)(alone).attention is None
+    assert TransMILNet(D, {"label": 3}, cls_attention=False, **CONTRACT_KWARGS["transmil"])(alone).attention is None

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from tests.conftest import make_quadtree_bags
-from tests.methods_helpers import quadtree_bag
-from wsi_lightning.data.manifest import load_manifest
+from tests.methods_helpers import CONTRACT_KWARGS, quadtree_bag
 from wsi_lightning.data.quadtree import QuadtreeBagDataModule
 from wsi_lightning.errors import ConfigError
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.methods.hag_mil import HAGMIL, HAGMILNet, select_children
 from wsi_lightning.nn.iat import IATOutput
 
 D = 8
-SMALL = HAGMIL.contract_kwargs
+SMALL = CONTRACT_KWARGS["hag_mil"]
 
 
 class Scorer(nn.Module):

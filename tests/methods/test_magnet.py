@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from wsi_lightning.data.manifest import load_manifest
+from tests.methods_helpers import CONTRACT_KWARGS
 from wsi_lightning.data.sampling import (
     RegionSampler,
     SlideBatch,
@@ -20,12 +20,13 @@ from wsi_lightning.data.sampling import (
     magnets_level,
 )
 from wsi_lightning.errors import ConfigError
+from wsi_lightning.manifest import load_manifest
 from wsi_lightning.methods.magnet import MagNet, MagNetNet
 from wsi_lightning.nn.magnify import pixel_count, tree_counts
 from wsi_lightning.slides.pyramid import write_pyramid_tiff
 from wsi_lightning.slides.reader import SlideReader
 
-TINY = dict(MagNet.contract_kwargs)  # (2, 2) tree, 16 px images, demo_cnn backbones
+TINY = dict(CONTRACT_KWARGS["magnet"])  # (2, 2) tree, 16 px images, demo_cnn backbones
 TREE = {**TINY, "patches": (3, 2, 3), "aux_layers": (1, 3)}  # the paper's tree at tiny sizes
 
 

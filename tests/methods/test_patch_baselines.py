@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import feature_cfg_overrides
-from wsi_lightning import config
+from wsi_lightning import build, config, run
 from wsi_lightning.confusion import read_predictions
-from wsi_lightning.methods.patch_baselines import PatchBaseline, prediction_rows, run_from_config
+from wsi_lightning.methods.patch_baselines import PatchBaseline, PatchSVM, prediction_rows
 
 TAGS = {"stain": 3, "organ": 4}
 
@@ -72,10 +72,11 @@ def test_prediction_rows_match_the_module_format():
     assert parsed["stain"][0] == names["stain"] and parsed["stain"][1].tolist() == [0]  # unknown dropped
 
 
-def test_run_from_config_writes_predictions_metrics_and_confusion(bag_data: Path, tmp_path: Path):
+def test_fit_dispatches_on_the_estimator_class_and_writes_predictions_metrics_confusion(bag_data: Path, tmp_path: Path):
     over = feature_cfg_overrides(bag_data, tmp_path / "runs")
     cfg = config.load("abmil", [*over, "method.name=patch_svm", "method.max_patches=8", "method.C=2.0"])
-    res = run_from_config(cfg, tmp_path / "run")
+    assert build.method_kwargs(cfg)[0] is PatchSVM
+    res = run.fit(cfg, run_dir=tmp_path / "run")
     df = pd.read_csv(tmp_path / "run" / "test_predictions.csv")
     assert {"slide_id", "label", "pred", "prob_class0", "prob_class1"} <= set(df.columns)
     assert 0.0 <= res.metrics["test/auroc"] <= 1.0 and "test/f1_macro" in res.metrics

@@ -11,7 +11,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from wsi_lightning.slides.synthetic import render, sample_spec, write_pyramid_tiff
+from wsi_lightning.demo.synthetic import render, sample_spec
+from wsi_lightning.slides import write_pyramid_tiff
 
 PATTERN_MPP = 0.5
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsi_lightning.demo import make_demo_dataset, paint
+from wsi_lightning.demo.dataset import DEFAULTS, spec_hash
+from wsi_lightning.demo.synthetic import DECOY_CLASSES, render, sample_spec
 from wsi_lightning.errors import ConfigError
-from wsi_lightning.slides import SlideReader, make_demo_dataset, paint
-from wsi_lightning.slides.demo import DEFAULTS, spec_hash
-from wsi_lightning.slides.synthetic import DECOY_CLASSES, render, sample_spec
+from wsi_lightning.slides import SlideReader
 
 SMALL = {"size_um": 768.0, "n_levels": 3, "task": "multiscale"}  # 1536 px slides
 

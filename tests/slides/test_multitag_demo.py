@@ -15,10 +15,12 @@ from sklearn.neighbors import NearestCentroid
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from wsi_lightning.data.manifest import load_manifest, patient_split
-from wsi_lightning.slides import SlideReader, demo, make_demo_dataset, multitag, paint
-from wsi_lightning.slides.demo import DEFAULTS, spec_hash
-from wsi_lightning.slides.synthetic import render
+from wsi_lightning.demo import dataset as demo
+from wsi_lightning.demo import make_demo_dataset, multitag, paint
+from wsi_lightning.demo.dataset import DEFAULTS, spec_hash
+from wsi_lightning.demo.synthetic import render
+from wsi_lightning.manifest import load_manifest, patient_split
+from wsi_lightning.slides import SlideReader
 
 SMALL = {"size_um": 384.0, "n_levels": 3, "task": "multitag"}  # 768 px slides
 N = multitag.DEMO_DEFAULTS["n_slides"]

@@ -11,10 +11,11 @@ import openslide
 import pytest
 from PIL import Image, ImageDraw
 
+from wsi_lightning.demo import make_demo_dataset
+from wsi_lightning.demo.dataset import DEFAULTS, plan_slides
+from wsi_lightning.demo.synthetic import render, sample_spec
 from wsi_lightning.errors import ConfigError, WSIError
-from wsi_lightning.slides import SlideReader, make_demo_dataset, segment_tissue, write_pyramid_tiff
-from wsi_lightning.slides.demo import DEFAULTS, plan_slides
-from wsi_lightning.slides.synthetic import render, sample_spec
+from wsi_lightning.slides import SlideReader, segment_tissue, write_pyramid_tiff
 
 TINY = {"size_um": 512.0, "n_levels": 3}  # 1024 px slides
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_lightning.slides import SlideReader, make_demo_dataset, paint
+from wsi_lightning.demo import make_demo_dataset, paint
+from wsi_lightning.demo.dataset import DEFAULTS, spec_hash
+from wsi_lightning.demo.synthetic import render, sample_spec
+from wsi_lightning.demo.zoom import ZOOM
+from wsi_lightning.slides import SlideReader
 from wsi_lightning.slides.annotations import load_lesions
-from wsi_lightning.slides.demo import DEFAULTS, spec_hash
-from wsi_lightning.slides.synthetic import render, sample_spec
-from wsi_lightning.slides.zoom import ZOOM
 
 SIZE_UM = 1024.0  # 2048 px at 0.5 µm/px: room for the three regions, quick to render
 
@@ -129,6 +130,6 @@ def test_manifest_and_geojson(zoom_demo):
 def test_default_size_is_two_millimetres(tmp_path):
     spec = sample_spec(np.random.default_rng(0), "tumor", "s", 2048.0, task="zoom")
     assert spec.size_px == (4096, 4096)
-    from wsi_lightning.slides.demo import TASK_DEFAULTS
+    from wsi_lightning.demo.dataset import TASK_DEFAULTS
 
     assert TASK_DEFAULTS["zoom"]["size_um"] == 2048.0

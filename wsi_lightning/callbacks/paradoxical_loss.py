@@ -10,7 +10,7 @@ auxiliaries get its gradient, and through the sampled crops so do the magnifying
 
 Listing ``{name: paradoxical_loss}`` in an experiment's ``callbacks:`` switches it on (dropping
 it is Table 1's "without L1"). The callback needs a method that accepts extra loss terms
-(``register_loss(name, fn)``, e.g. ``magnet``) and whose ``MILOutput.extras["aux_logits"]``
+(``MILModule.register_loss(name, fn)``; ``auxiliary_outputs`` methods, e.g. ``magnet``) and whose ``MILOutput.extras["aux_logits"]``
 holds ``{head name: {target: (B, C) logits}}``. The weighted term joins the step's loss as
 ``loss_paradoxical`` (epoch means ``{stage}/loss_paradoxical``), and its unweighted value is
 logged at every training step as ``train/l1_paradoxical`` (written by the loggers every
@@ -79,10 +79,10 @@ class ParadoxicalLoss(L.Callback):
         self.weight, self.coarse, self.fine = float(weight), coarse, fine
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "register_loss", None)):
-            raise ArgumentError(f"paradoxical_loss: {type(pl_module).__name__} takes no extra loss "
-                                "terms (no register_loss); use it with a method that has "
-                                "auxiliary classifiers (magnet) or drop it from callbacks")
+        if not getattr(type(pl_module), "auxiliary_outputs", False) or not callable(getattr(pl_module, "register_loss", None)):
+            raise ArgumentError(f"paradoxical_loss: {type(pl_module).__name__} has no auxiliary "
+                                "classifiers to compare (MILModule.auxiliary_outputs); use it with a "
+                                "method that has them (magnet) or drop it from callbacks")
 
         def loss(out: Any, batch: Any) -> torch.Tensor:
             aux = (getattr(out, "extras", None) or {}).get("aux_logits") or {}

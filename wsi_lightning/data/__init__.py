@@ -1,1 +1,1 @@
-"""Manifests, patient-level splits, batch types and the DataModules."""
+"""Patient-level splits, batch types and the DataModules (manifests: ``wsi_lightning.manifest``)."""

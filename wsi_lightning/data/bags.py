@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from wsi_lightning.data.batch import Bag, collate_bags
-from wsi_lightning.data.manifest import Manifest, patient_split
+from wsi_lightning.manifest import Manifest, patient_split
 from wsi_lightning.errors import StoreError
 from wsi_lightning.features.store import FeatureStore
 from wsi_lightning.registry import DATAMODULES

@@ -23,7 +23,7 @@ Lesion annotations are ASAP XML: ``ASAP_Annotations/Annotations/Annotation`` (``
 ``PartOfGroup``) holding ``Coordinates/Coordinate`` with ``Order``, ``X``, ``Y`` in level-0 pixels.
 Groups ``_0``, ``_1`` and ``Tumor`` are metastases, ``_2`` and ``Exclusion`` are non-tumour regions
 drawn inside a metastasis. Each XML becomes ``<annotations_out>/<slide_id>.geojson``, a QuPath-style
-FeatureCollection (the convention of :mod:`wsi_lightning.slides.demo`): one ``Polygon`` feature per
+FeatureCollection (the convention of :mod:`wsi_lightning.demo.dataset`): one ``Polygon`` feature per
 tumour region, classification ``Tumor``, vertices sorted by ``Order``, rings closed. An exclusion
 region all of whose vertices lie inside a tumour polygon becomes a hole of the smallest such
 polygon (vertex containment, ``matplotlib.path.Path``; edges are not intersected); one that lies in
@@ -50,7 +50,7 @@ tied to a case. Handling:
 Manifest columns: ``slide_id, case_id, path, label (normal|tumor), split (train|test),
 annotation, exclude_localisation, duplicate``. One slide per patient, so ``case_id = slide_id``.
 ``path`` and ``annotation`` are relative to the manifest's folder when the file lies inside it,
-absolute otherwise (what :func:`~wsi_lightning.data.manifest.load_manifest` resolves). Slides are
+absolute otherwise (what :func:`~wsi_lightning.manifest.load_manifest` resolves). Slides are
 never opened.
 """
 

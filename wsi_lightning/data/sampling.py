@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_lightning.data.bags import UnpaddedDistributedSampler, epoch_sampler, index_and_epoch
 from wsi_lightning.data.batch import Bag
-from wsi_lightning.data.manifest import Manifest, patient_split
+from wsi_lightning.manifest import Manifest, patient_split
 from wsi_lightning.errors import ConfigError, ManifestError, NoTissueError, SlideError
 from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.registry import DATAMODULES

@@ -29,9 +29,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from wsi_lightning.data.manifest import Manifest
 from wsi_lightning.errors import SlideError, StoreError, WSIError
 from wsi_lightning.features.store import FeatureStore
+from wsi_lightning.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

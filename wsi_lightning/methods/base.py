@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,6 +84,20 @@ def module_arguments(module_cls: type) -> dict[str, Any]:
     return out
 
 
+class SlideEstimator:
+    """A registered method that is not trained by gradient descent (the two-step patch
+    baselines): ``fit(train_dataset, num_classes)`` then ``predict_proba(items)``, run on a
+    feature-bag DataModule by ``run.fit``, which dispatches on this class. ``evaluate`` (the
+    method module's) writes the same prediction files and metrics as an ``MILModule`` run."""
+
+    input_kind: ClassVar[str] = "bag"
+
+    def evaluate(self, datamodule: Any, run_dir: Path) -> dict[str, float]:
+        """Fit on ``datamodule``'s train split, write ``{val,test}_predictions.csv`` into
+        ``run_dir`` and return ``{"val/...", "test/...": value}``."""
+        raise NotImplementedError
+
+
 class MILModule(L.LightningModule):
     """Base LightningModule for bag classification.
 
@@ -97,7 +112,12 @@ class MILModule(L.LightningModule):
         net_kwargs: the method's own arguments (``method:`` section minus ``name``).
     """
 
+    # The method's contract, read by the build (each a class attribute with its default):
     Net: ClassVar[type[nn.Module]]
+    input_kind: ClassVar[str] = "bag"  # the data it takes: bag | multiscale | quadtree | patches | slide
+    find_unused_parameters: ClassVar[bool] = False  # a backward that skips parameters (DDP must know)
+    auxiliary_outputs: ClassVar[bool] = False  # extras["aux_logits"]: auxiliary classifiers (MagNets)
+    # and Lightning's own ``automatic_optimization`` (False: the method steps its optimisers)
 
     def __init__(
         self,
@@ -122,6 +142,7 @@ class MILModule(L.LightningModule):
             {f"{s}_metrics": TaskMetrics(dict(num_classes)) for s in ("train", "val", "test")}
         )
         self.last_output: MILOutput | None = None
+        self.extra_losses: dict[str, Callable[[MILOutput, Bag], torch.Tensor]] = {}
         self._records: list[dict] = []
         self._means: dict[str, dict[str, list]] = {}  # stage -> {name: [weighted sum, slides]}
         self._prog_bar: set[str] = set()
@@ -144,7 +165,20 @@ class MILModule(L.LightningModule):
     def forward(self, bag: Bag) -> MILOutput:
         return self.net(bag)
 
+    def register_loss(self, name: str, fn: Callable[[MILOutput, Bag], torch.Tensor]) -> None:
+        """Add ``fn(out, batch)`` (an already weighted scalar) to every step's loss as ``name``
+        (how a callback adds a term, e.g. ``paradoxical_loss``, MagNets' L1)."""
+        self.extra_losses[name] = fn
+
+    def remove_loss(self, name: str) -> None:
+        self.extra_losses.pop(name, None)
+
     def task_loss(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
+        """Per-target cross-entropy (unknown labels, -1, ignored), weighted, plus the
+        registered loss terms."""
+        return {**self.target_losses(out, bag), **{k: fn(out, bag) for k, fn in self.extra_losses.items()}}
+
+    def target_losses(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
         """Per-target cross-entropy (unknown labels, -1, ignored), weighted."""
         losses = {}
         for t in self.targets:

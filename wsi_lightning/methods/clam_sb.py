@@ -148,7 +148,6 @@ class CLAMSB(MILModule):
 
     Net = CLAMSBNet
     # the attention score's bias feeds only a softmax (shift-invariant) and a top-k: gradient 0
-    zero_grad_params = (".score.c.bias",)
 
-    def task_loss(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
-        return {k: self.net.bag_weight * v for k, v in super().task_loss(out, bag).items()}
+    def target_losses(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
+        return {k: self.net.bag_weight * v for k, v in super().target_losses(out, bag).items()}

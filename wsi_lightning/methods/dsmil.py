@@ -83,7 +83,7 @@ class DSMILNet(nn.Module):
 class DSMIL(MILModule):
     Net = DSMILNet
 
-    def task_loss(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
-        losses = super().task_loss(out, bag)
+    def target_losses(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
+        losses = super().target_losses(out, bag)
         losses["max_instance"] = self.net.max_instance_loss(out, bag.labels)
         return losses

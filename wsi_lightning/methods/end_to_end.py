@@ -59,9 +59,9 @@ class EndToEndNet(nn.Module):
         from wsi_lightning.methods import import_all
 
         import_all()  # the wrapped method may not be imported yet
-        if mil not in METHODS or getattr(METHODS.get(mil), "input_kind", "bag") != "bag":
+        if mil not in METHODS or not _bag_mil(METHODS.get(mil)):
             raise ConfigError(f"end_to_end: method.mil={mil!r} must be a registered bag method "
-                              f"(one of {[n for n in METHODS.names() if getattr(METHODS.get(n), 'input_kind', 'bag') == 'bag']})")
+                              f"(one of {[n for n in METHODS.names() if _bag_mil(METHODS.get(n))]})")
         if crop is not None and resize is not None and crop > resize:
             raise ConfigError(f"end_to_end: crop={crop} is larger than resize={resize}")
         # weights are loaded when fitting starts (``load_pretrained``), never at construction, so
@@ -110,11 +110,14 @@ class EndToEndNet(nn.Module):
         return self.mil(Bag(emb, bag.mask, bag.coords, bag.labels, bag.slide_ids))
 
 
+def _bag_mil(cls: type) -> bool:
+    """A Lightning method on plain feature bags, whose ``Net`` can pool the image features."""
+    return issubclass(cls, MILModule) and cls.input_kind == "bag"
+
+
 @METHODS.register("end_to_end")
 class EndToEnd(MILModule):
     """A CNN on random tissue patches under a bag method, trained end to end."""
 
     Net = EndToEndNet
     input_kind = "patches"
-    contract_kwargs = {"backbone": "demo_cnn", "pretrained": False, "resize": None, "crop": 24,
-                       "mil": "abmil"}

@@ -124,4 +124,3 @@ class GCNNet(nn.Module):
 @METHODS.register("gcn")
 class GCN(MILModule):
     Net = GCNNet
-    contract_kwargs = {"hidden_dims": (16, 16)}

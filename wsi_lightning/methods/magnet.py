@@ -51,7 +51,7 @@ Deviations from paper (register items 15-21 and ``methods.md`` 4.10):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -74,8 +74,6 @@ from wsi_lightning.nn import MultiHead
 from wsi_lightning.nn.magnify import MagnifyingLayer, child_frames, clip_boxes, tree_counts
 from wsi_lightning.registry import METHODS
 from wsi_lightning.slides.reader import SlideCache
-
-LossFn = Callable[[MILOutput, SlideBatch], torch.Tensor]
 
 
 class AuxClassifier(nn.Module):
@@ -251,29 +249,12 @@ class MagNetNet(nn.Module):
 
 @METHODS.register("magnet")
 class MagNet(MILModule):
-    """MagNets on whole slides read on the fly. Callbacks may add loss terms
-    (:meth:`register_loss`), e.g. ``paradoxical_loss`` (L1)."""
+    """MagNets on whole slides read on the fly. Callbacks add loss terms with
+    :meth:`~wsi_lightning.methods.base.MILModule.register_loss`, e.g. ``paradoxical_loss`` (L1)."""
 
     Net = MagNetNet
     input_kind = "slide"
-    contract_kwargs = {"patches": (2, 2), "in_size": 16, "source_size": 32, "last_source_size": 32,
-                       "leaf_size": 32, "backbone": "demo_cnn", "aux_backbone": "demo_cnn",
-                       "pretrained": False, "aux_layers": (1, 2), "gru_hidden": 16, "mlp": (16, 8),
-                       "lin_samples": 4, "grey_tol": None}
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.extra_losses: dict[str, LossFn] = {}
-
-    def register_loss(self, name: str, fn: LossFn) -> None:
-        """Add ``fn(out, batch)`` (an already weighted scalar) to every step's loss as ``name``."""
-        self.extra_losses[name] = fn
-
-    def remove_loss(self, name: str) -> None:
-        self.extra_losses.pop(name, None)
-
-    def task_loss(self, out: MILOutput, batch: SlideBatch) -> dict[str, torch.Tensor]:
-        return {**super().task_loss(out, batch), **{k: fn(out, batch) for k, fn in self.extra_losses.items()}}
+    auxiliary_outputs = True  # the layer-l classifiers (L2), what paradoxical_loss compares
 
     def _shared_step(self, batch: SlideBatch, stage: str) -> torch.Tensor:
         loss = super()._shared_step(batch, stage)

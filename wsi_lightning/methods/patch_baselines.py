@@ -3,7 +3,8 @@ Transformer for multi-tagging whole slide histopathology images", MICCAI 2019, T
 Hou et al., "Patch-based convolutional neural network for whole slide tissue image
 classification", CVPR 2016 (methods.md §1.7).
 
-Not a Lightning method: scikit-learn on feature bags.
+Not a Lightning method: scikit-learn on feature bags. ``patch_lr`` / ``patch_svm`` are registered
+:class:`~wsi_lightning.methods.base.SlideEstimator` subclasses; ``run.fit`` dispatches on that class.
 
 1. Patch level, per tag: every patch inherits its slide's tag; a multinomial logistic regression
    on standardised patch features is fitted on at most ``max_patches`` random patches per
@@ -17,11 +18,11 @@ API::
 
     model = PatchBaseline(classifier="svm").fit(train_items, num_classes)
     ids, probs = model.predict_proba(test_items)          # probs: {tag: (S, C)}
-    metrics = run(datamodule, run_dir, classifier="lr")   # fit on train, write val/test CSVs
-    result = run_from_config(cfg, run_dir)                # method.name: patch_lr | patch_svm
+    metrics = evaluate(PatchLR(), datamodule, run_dir)  # fit on train, write val/test CSVs
+    result = run.fit(cfg)                                 # method.name: patch_lr | patch_svm
 
 Items are what ``BagDataset[i]`` returns: ``{"features": (N, D), "labels": {tag: int},
-"slide_id": str}``. ``run`` writes ``{val,test}_predictions.csv`` in MILModule's format (so
+"slide_id": str}``. ``evaluate`` writes ``{val,test}_predictions.csv`` in MILModule's format (so
 :mod:`wsi_lightning.confusion` and the tables read them) and returns the same metric keys
 (``test/f1_macro``, ``test/<tag>/f1_micro``...).
 
@@ -36,7 +37,6 @@ Deviations from paper:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,9 +45,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsi_lightning.methods.base import SlideEstimator
+from wsi_lightning.registry import METHODS
+
 log = logging.getLogger(__name__)
 
-BASELINES = {"patch_lr": "lr", "patch_svm": "svm"}  # method.name -> slide-level classifier
 CLASSIFIERS = ("lr", "svm")
 AGGREGATES = ("hist", "mean", "hist_mean")
 
@@ -68,11 +70,12 @@ def _full_proba(p: np.ndarray, seen: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
-class PatchBaseline:
+class PatchBaseline(SlideEstimator):
     """Patch-level LR per tag, then a slide-level LR or SVM per tag on aggregated predictions.
 
     Args:
-        classifier: slide-level classifier, ``lr`` or ``svm``.
+        classifier: slide-level classifier, ``lr`` or ``svm`` (null: the registered
+            subclass's, :class:`PatchLR` / :class:`PatchSVM`).
         aggregate: slide descriptor, ``hist``, ``mean`` or ``hist_mean``.
         max_patches: random patches per training slide for the patch classifier (null: all).
         patch_C: inverse L2 strength of the patch-level logistic regression.
@@ -82,9 +85,12 @@ class PatchBaseline:
         seed: patch sampling and solver seed.
     """
 
-    def __init__(self, classifier: str = "lr", aggregate: str = "hist_mean", max_patches: int | None = 32,
+    default_classifier = "lr"
+
+    def __init__(self, classifier: str | None = None, aggregate: str = "hist_mean", max_patches: int | None = 32,
                  patch_C: float = 1.0, C: float = 1.0, kernel: str = "rbf", max_iter: int = 1000,
                  seed: int = 0) -> None:
+        classifier = classifier or self.default_classifier
         if classifier not in CLASSIFIERS:
             raise ValueError(f"patch baseline: classifier={classifier!r}; expected one of {list(CLASSIFIERS)}")
         if aggregate not in AGGREGATES:
@@ -96,6 +102,10 @@ class PatchBaseline:
         self.num_classes: dict[str, int] = {}
         self.patch_models: dict[str, Any] = {}
         self.slide_models: dict[str, Any] = {}
+
+    def evaluate(self, datamodule: Any, run_dir: str | Path) -> dict[str, float]:
+        """See :func:`evaluate` (confusion matrices included)."""
+        return evaluate(self, datamodule, run_dir)
 
     # ----------------------------------------------------------------- step 1: patches
     def _fit_patches(self, data: list, tag: str) -> Any:
@@ -209,8 +219,7 @@ def prediction_rows(ids: list[str], probs: dict[str, np.ndarray], labels: dict[s
     return pd.DataFrame(rows).sort_values("slide_id")
 
 
-def run(datamodule: Any, run_dir: str | Path, classifier: str = "lr", confusion: bool = True,
-        **options: Any) -> dict[str, float]:
+def evaluate(estimator: PatchBaseline, datamodule: Any, run_dir: str | Path, confusion: bool = True) -> dict[str, float]:
     """Fit on the train split of a set-up BagDataModule, predict val and test.
 
     Writes ``<run_dir>/{val,test}_predictions.csv`` (and ``confusion_<tag>.png`` with
@@ -223,7 +232,7 @@ def run(datamodule: Any, run_dir: str | Path, classifier: str = "lr", confusion:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ds = datamodule.datasets
-    model = PatchBaseline(classifier, **options).fit(ds["train"], datamodule.num_classes)
+    model = estimator.fit(ds["train"], datamodule.num_classes)
     metrics: dict[str, float] = {}
     for stage in ("val", "test"):
         if stage not in ds or len(ds[stage]) == 0:
@@ -243,25 +252,15 @@ def run(datamodule: Any, run_dir: str | Path, classifier: str = "lr", confusion:
     return metrics
 
 
-def run_from_config(cfg: Any, run_dir: str | Path) -> Any:
-    """A table row / ``wsi fit`` for ``method.name: patch_lr | patch_svm``: build the data, run,
-    save ``config.resolved.yaml`` and ``metrics.json`` as ``run.fit`` does; returns a RunResult."""
-    from wsi_lightning import build
-    from wsi_lightning.config import save_resolved, to_dict
-    from wsi_lightning.errors import ConfigError
-    from wsi_lightning.run import RunResult
+@METHODS.register("patch_lr")
+class PatchLR(PatchBaseline):
+    """Patchbased-LR: a slide-level logistic regression per tag."""
 
-    opts = dict(to_dict(cfg.method))
-    name = opts.pop("name")
-    if name not in BASELINES:
-        raise ConfigError(f"method.name={name!r} is not a patch baseline; expected one of {sorted(BASELINES)}")
-    run_dir = Path(run_dir)
-    dm = build.build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    save_resolved(cfg, run_dir)
-    metrics = run(dm, run_dir, BASELINES[name], seed=int(cfg.seed), **opts)
-    payload = {"experiment": str(cfg.name), "demo_data": bool(cfg.data.is_demo), "best_checkpoint": None,
-               "metrics": {k: v for k, v in metrics.items() if k.startswith("test/")}}
-    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
-    return RunResult(run_dir, payload["metrics"], None)
+    default_classifier = "lr"
+
+
+@METHODS.register("patch_svm")
+class PatchSVM(PatchBaseline):
+    """Patchbased-SVM: a slide-level SVC per tag."""
+
+    default_classifier = "svm"

@@ -105,4 +105,3 @@ class PatchTransformerNet(nn.Module):
 @METHODS.register("patch_transformer")
 class PatchTransformer(MILModule):
     Net = PatchTransformerNet
-    contract_kwargs = {"attn_dim": 8}

@@ -220,4 +220,3 @@ class TransMIL(MILModule):
     Net = TransMILNet
     # the contract tests run the same code at small widths (256 landmarks are slow on CPU); 16
     # landmarks also make the tests' bags longer than the landmark count
-    contract_kwargs = {"embed_dim": 32, "heads": 4}

@@ -86,4 +86,3 @@ class TwoBranchesNet(nn.Module):
 @METHODS.register("two_branches")
 class TwoBranches(MILModule):
     Net = TwoBranchesNet
-    contract_kwargs = {"embed_dim": 16, "attn_dim": 8}

@@ -39,16 +39,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from wsi_lightning.slides import paint
-
-if TYPE_CHECKING:
-    from wsi_lightning.slides.synthetic import SlideSpec
+from wsi_lightning.demo import paint
+from wsi_lightning.demo.specs import NucleiSpec, Palette, SlideSpec, StromaSpec, TissueSpec
 
 TAGS = ("stain", "species", "organ")
 STAINS = ("he", "ihc_dab", "special")
@@ -214,8 +211,6 @@ def _pair_cases(rng, species: np.ndarray, n_pairs: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ the spec
 def sample_spec(rng: np.random.Generator, row: dict, size_um: float, mpp: float) -> SlideSpec:
     """Draw a multitag slide for a plan row (``slide_id``, ``stain``, ``species``, ``organ``)."""
-    from wsi_lightning.slides.synthetic import NucleiSpec, SlideSpec, StromaSpec, TissueSpec
-
     u = rng.uniform
     blobs = tuple(
         (u(0.3, 0.7) * size_um, u(0.3, 0.7) * size_um, u(0.15, 0.3) * size_um,
@@ -249,8 +244,6 @@ STAIN_STRENGTH = {"he": ((0.8, 1.2), (0.75, 1.25)), "ihc_dab": ((0.5, 0.7), (0.5
 
 
 def _palette(rng: np.random.Generator, stain: str):
-    from wsi_lightning.slides.synthetic import Palette
-
     (h_od, e_od), (h_s, e_s) = STAIN_OD[stain], STAIN_STRENGTH[stain]
     jitter = lambda v, rel: tuple(float(x * rng.uniform(1 - rel, 1 + rel)) for x in v)  # noqa: E731
     return Palette(

@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.path import Path as MplPath
 
-from wsi_lightning.slides import paint
+from wsi_lightning.demo import paint
 
 if TYPE_CHECKING:
-    from wsi_lightning.slides.synthetic import SlideSpec
+    from wsi_lightning.demo.specs import SlideSpec
 
 STREAM_DENSE = 7  # nuclei of the candidate regions
 
@@ -60,7 +60,7 @@ class ZoomSpec:
 
 
 ZOOM = ZoomSpec()
-DEFAULTS = {"size_um": 2048.0}  # demo options of the task (slides/demo.py TASK_DEFAULTS)
+DEFAULTS = {"size_um": 2048.0}  # demo options of the task (demo/dataset.py TASK_DEFAULTS)
 
 
 def paint_regions(canvas: paint.Canvas, spec: SlideSpec) -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from wsi_lightning.data.manifest import check_slide_files, load_manifest, patient_split
 from wsi_lightning.errors import ManifestError
+from wsi_lightning.manifest import check_slide_files, load_manifest, patient_split
 
 
 def write(tmp_path: Path, rows: list[dict], name: str = "m.csv") -> Path:

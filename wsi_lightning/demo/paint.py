@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 if TYPE_CHECKING:
-    from wsi_lightning.slides.synthetic import (
+    from wsi_lightning.demo.specs import (
         AtypiaSpec,
         NucleiSpec,
         Palette,

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_lightning.demo import multitag, zoom
+from wsi_lightning.demo.synthetic import TASKS, decoy_outlines, render, sample_spec
 from wsi_lightning.errors import ConfigError, WSIError
-from wsi_lightning.slides import multitag, zoom
+from wsi_lightning.slides.pyramid import write_pyramid_tiff
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +141,6 @@ def _write_text(path: Path, text: str) -> None:
 
 def make_slide(job: dict) -> dict:
     """Render and write one slide + its annotation (skipped when both exist). Returns `job`."""
-    from wsi_lightning.slides.synthetic import (
-        decoy_outlines,
-        render,
-        sample_spec,
-        write_pyramid_tiff,
-    )
-
     out_dir, opts = Path(job["out_dir"]), job["options"]
     tiff = out_dir / "slides" / f"{job['slide_id']}.tiff"
     geo = out_dir / "annotations" / f"{job['slide_id']}.geojson"
@@ -268,8 +263,6 @@ def _keep_freed_memory() -> None:
 
 
 def _check_task(task: str) -> None:
-    from wsi_lightning.slides.synthetic import TASKS
-
     if task not in TASKS:
         raise ConfigError(f"demo data option task={task!r} is unknown; valid: {list(TASKS)}")
 
