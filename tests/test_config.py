@@ -145,9 +145,10 @@ def test_yaml_errors_and_python_tags_are_named_config_errors(tmp_path: Path, tex
 
 
 @pytest.mark.parametrize("exp, override, fix", [
-    ("abmil", "method.name=cs_mil", "tiling.multiscale.mode=concentric data.multiscale.mode=stack"),
-    ("abmil", "method.name=hag_mil", "tiling.multiscale.mode=quadtree data.multiscale.mode=stack"),
-    ("cs_mil", "method.name=abmil", "data.multiscale.mode=select"),
+    ("abmil", "method.name=cs_mil", "set tiling.multiscale.mode to one of ['concentric']"),
+    ("abmil", "method.name=hag_mil", "set tiling.multiscale.mode to one of ['quadtree']"),
+    ("cs_mil", "method.name=abmil", "needs data.multiscale.mode=select"),
+    ("hag_mil", "data.multiscale.mode=select", "needs data.multiscale.mode=stack"),
 ])
 def test_method_input_kind_and_data_config_must_agree_at_config_time(exp: str, override: str, fix: str):
     """A mismatched YAML used to fail inside forward, after the data work."""

@@ -77,8 +77,28 @@ def store_path(cfg: DictConfig) -> Path:
     return base / "features" / key
 
 
+def import_datamodules() -> None:
+    """Import every module that registers a DataModule."""
+    import wsi_lightning.data.bags
+    import wsi_lightning.data.multiscale
+    import wsi_lightning.data.quadtree
+    import wsi_lightning.data.sampling  # noqa: F401
+
+
+def datamodule_class(cfg: DictConfig, input_kind: str) -> type:
+    """The DataModule serving ``input_kind`` from this config's store layout, its config checked."""
+    from wsi_lightning.data.bags import datamodule_for
+
+    import_datamodules()
+    cls = datamodule_for(input_kind, str(cfg.tiling.multiscale.mode))
+    cls.check_config(cfg, input_kind)
+    return cls
+
+
 def build_datamodule(cfg: DictConfig) -> Any:
-    from wsi_lightning.data.bags import BagDataModule
+    """The registered DataModule for the method's ``input_kind`` and the store layout, built
+    from the config (``from_config``); store-based ones get the extraction of what is missing
+    as their ``prepare_data``."""
     from wsi_lightning.features.extract import expected_provenance, extract_features
     from wsi_lightning.features.store import FeatureStore
     from wsi_lightning.manifest import check_slide_files, load_manifest
@@ -89,9 +109,11 @@ def build_datamodule(cfg: DictConfig) -> Any:
     if cfg.data.task == "binary" and any(len(c) != 2 for c in manifest.classes.values()):
         raise ConfigError(f"data.task=binary but {manifest.source} has classes {manifest.classes}; "
                           "set data.task=multiclass")
-    kind = getattr(METHODS.get(str(cfg.method.name)), "input_kind", "bag") if str(cfg.method.name) in METHODS else "bag"
-    if kind in ("slide", "patches"):
-        return _sampling_datamodule(cfg, manifest, kind)
+    import_registered()
+    kind = METHODS.get(str(cfg.method.name)).input_kind
+    cls = datamodule_class(cfg, kind)
+    if cls.layout is None:  # slides read on the fly: no tiling, no feature store
+        return cls.from_config(cfg, manifest, kind, demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root))
     store = store_path(cfg)
     # a store made with another backbone / weights / tiling is refused, not silently reused
     FeatureStore(store).check_provenance(expected_provenance(to_dict(cfg.tiling), to_dict(cfg.features)),
@@ -108,44 +130,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
         feats["devices"] = 1
     prepare = partial(extract_features, manifest, FeatureStore(store), to_dict(cfg.tiling),
                       feats, bool(cfg.features.skip_errors))
-    common = dict(split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
-                  max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers), prepare=prepare,
-                  standardize=bool(cfg.data.standardize))
-    if cfg.tiling.multiscale.mode == "none":
-        return BagDataModule(manifest, store, **common)
-    if cfg.tiling.multiscale.mode == "quadtree":
-        from wsi_lightning.data.quadtree import QuadtreeBagDataModule
-
-        mode = cfg.data.multiscale.mode
-        if mode not in ("stack", "select"):
-            raise ConfigError(f"data.multiscale.mode={mode} with tiling.multiscale.mode=quadtree; "
-                              "expected stack (every level, for hierarchical methods) or select "
-                              "(the level data.multiscale.scale alone: 0 = coarsest, -1 = finest)")
-        level = int(cfg.data.multiscale.scale) if mode == "select" else None
-        return QuadtreeBagDataModule(manifest, store, level=level, **common)
-    from wsi_lightning.data.multiscale import ClusterSampling, MultiScaleBagDataModule
-
-    ms = to_dict(cfg.data.multiscale)
-    smp = ms.pop("sampling")
-    sampling = ClusterSampling(**{k: v for k, v in smp.items() if k != "enabled"}) if smp["enabled"] else None
-    return MultiScaleBagDataModule(manifest, store, mode=ms["mode"], scale=int(ms["scale"]), sampling=sampling,
-                                   test_bags=int(ms["test_bags"]), seed=int(cfg.seed), **common)
-
-
-def _sampling_datamodule(cfg: DictConfig, manifest: Any, kind: str) -> Any:
-    """On-the-fly slide sampling for end-to-end methods (no tiling, no feature store)."""
-    from wsi_lightning.data.sampling import GreyFilter, SlideSamplingDataModule
-
-    smp = dict(to_dict(cfg.data.sampling))
-    grey_tol = smp.pop("grey_tol")
-    grey = None if grey_tol is None else GreyFilter(tol=int(grey_tol), max_fraction=float(smp.pop("grey_max_fraction")))
-    smp.pop("grey_max_fraction", None)
-    base = demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root)
-    key = f"{cfg.tiling.thumb_mpp}mpp"
-    return SlideSamplingDataModule(manifest, mode=kind, split=to_dict(cfg.data.split),
-                                   batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
-                                   grey=grey, tissue={"thumb_mpp": float(cfg.tiling.thumb_mpp)},
-                                   tissue_cache=base / "tissue" / key, seed=int(cfg.seed), **smp)
+    return cls.from_config(cfg, manifest, store, prepare)
 
 
 # ----------------------------------------------------------------------------- method
@@ -171,33 +156,11 @@ def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in m]
     if missing:
         raise ConfigError(f"method '{name}' needs config key(s) {['method.' + k for k in missing]}")
-    _check_input_kind(name, cls.input_kind, cfg)
+    datamodule_class(cfg, cls.input_kind)  # the data config serves this method's input (config time)
     params = dict(inspect.signature(cls.__init__).parameters) if issubclass(cls, SlideEstimator) else _signature_params(cls)
     for k, v in m.items():
         check_value(f"method.{k}", v, _param_types(params.get(k), valid[k]))
     return cls, m
-
-
-def _check_input_kind(name: str, kind: str, cfg: DictConfig) -> None:
-    """The method's input kind and the data config agree (a config-time error, not a shape
-    error inside ``forward``). Plain-bag methods also run on one view of a multi-scale store
-    (``data.multiscale.mode`` select / flatten / sum / concat: the single-scale rows of the
-    CS-MIL and HAG-MIL tables); multi-scale and quadtree methods need every scale (``stack``)."""
-    tiling, view = str(cfg.tiling.multiscale.mode), str(cfg.data.multiscale.mode)
-    fix = None
-    if kind == "multiscale" and (tiling, view) != ("concentric", "stack"):
-        fix = "tiling.multiscale.mode=concentric data.multiscale.mode=stack"
-    elif kind == "quadtree" and (tiling, view) != ("quadtree", "stack"):
-        fix = "tiling.multiscale.mode=quadtree data.multiscale.mode=stack"
-    elif kind == "bag" and tiling != "none" and view == "stack":
-        fix = ("data.multiscale.mode=select (one scale; or flatten / sum / concat for concentric "
-               "stores), or tiling.multiscale.mode=none")
-    elif kind not in ("bag", "multiscale", "quadtree", "patches", "slide"):
-        raise ConfigError(f"method '{name}' declares input_kind={kind!r}; expected bag, multiscale, "
-                          "quadtree, patches or slide")
-    if fix:
-        raise ConfigError(f"method '{name}' takes {kind} input, but the config gives "
-                          f"tiling.multiscale.mode={tiling} with data.multiscale.mode={view}; set {fix}")
 
 
 _ANNOTATION_TYPES: dict[str, tuple[type, ...]] = {

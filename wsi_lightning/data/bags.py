@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from wsi_lightning.data.batch import Bag, collate_bags
 from wsi_lightning.manifest import Manifest, patient_split
-from wsi_lightning.errors import StoreError
+from wsi_lightning.config import to_dict
+from wsi_lightning.errors import ConfigError, StoreError
 from wsi_lightning.features.store import FeatureStore
 from wsi_lightning.registry import DATAMODULES
 
@@ -171,9 +173,30 @@ class UnpaddedDistributedSampler(Sampler[int]):
         return len(self.idx)
 
 
+def datamodule_for(input_kind: str, tiling: str | None) -> type:
+    """The registered DataModule serving a method's ``input_kind`` from a store made with
+    ``tiling.multiscale.mode`` = ``tiling`` (every DataModule states both, ``layout`` and
+    ``input_kinds``); a ConfigError naming what would serve it otherwise."""
+    served = {(cls.layout, kind): cls for name in DATAMODULES for cls in [DATAMODULES.get(name)]
+              for kind in cls.input_kinds}
+    if (None, input_kind) in served:  # read on the fly: no store, any tiling
+        return served[(None, input_kind)]
+    if (tiling, input_kind) in served:
+        return served[(tiling, input_kind)]
+    need = sorted(str(layout) for layout, kind in served if kind == input_kind)
+    raise ConfigError(f"no data for {input_kind!r} input from tiling.multiscale.mode={tiling}; "
+                      f"set tiling.multiscale.mode to one of {need}")
+
+
 @DATAMODULES.register("bags")
 class BagDataModule(L.LightningDataModule):
-    """Args:
+    """Feature bags from a plain store (``tiling.multiscale.mode=none``).
+
+    Every DataModule declares the store ``layout`` it reads (a ``tiling.multiscale.mode``;
+    None: slides read on the fly) and the method ``input_kinds`` it serves, checks a config
+    (:meth:`check_config`, at config time) and builds itself from one (:meth:`from_config`).
+
+    Args:
         manifest: the validated slide manifest.
         store: feature store folder.
         split: ``{val, test, seed, fold}`` (see :func:`patient_split`).
@@ -185,6 +208,25 @@ class BagDataModule(L.LightningDataModule):
         prepare: called by ``prepare_data()`` to fill the store (tiling + extraction); None
             when the store is already complete.
     """
+
+    layout: ClassVar[str | None] = "none"
+    input_kinds: ClassVar[tuple[str, ...]] = ("bag",)
+
+    @classmethod
+    def check_config(cls, cfg: Any, input_kind: str) -> None:
+        """Raise ConfigError if ``cfg`` cannot give ``input_kind`` input (before any data work)."""
+
+    @classmethod
+    def common_kwargs(cls, cfg: Any, prepare: Callable[[], object] | None) -> dict[str, Any]:
+        """The ``data:`` arguments every feature-bag DataModule takes."""
+        return dict(split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
+                    max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers), prepare=prepare,
+                    standardize=bool(cfg.data.standardize))
+
+    @classmethod
+    def from_config(cls, cfg: Any, manifest: Manifest, store: str | Path,
+                    prepare: Callable[[], object] | None = None) -> BagDataModule:
+        return cls(manifest, store, **cls.common_kwargs(cfg, prepare))
 
     def __init__(self, manifest: Manifest, store: str | Path, split: dict | None = None,
                  batch_size: int = 1, max_bag_size: int | None = None, num_workers: int = 0,

@@ -25,6 +25,10 @@ worker clustered a slide first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import logging
 from dataclasses import dataclass
 
@@ -34,7 +38,9 @@ from torch.utils.data import DataLoader
 
 from wsi_lightning.data.bags import BagDataModule, BagDataset, index_and_epoch
 from wsi_lightning.data.batch import Bag, collate_bags
+from wsi_lightning.config import to_dict
 from wsi_lightning.errors import ConfigError, StoreError
+from wsi_lightning.manifest import Manifest
 from wsi_lightning.registry import DATAMODULES
 
 log = logging.getLogger(__name__)
@@ -182,6 +188,27 @@ class MultiScaleBagDataModule(BagDataModule):
         seed: sampling seed; a training bag of slide i at epoch e is drawn from (seed, i, e), the
             epoch reaching every DataLoader worker through the training sampler's keys.
     """
+
+    layout = "concentric"
+    input_kinds = ("bag", "multiscale")
+
+    @classmethod
+    def check_config(cls, cfg: Any, input_kind: str) -> None:
+        mode = str(cfg.data.multiscale.mode)
+        if (input_kind == "multiscale") != (mode == "stack"):
+            want = ("stack (every scale)" if input_kind == "multiscale"
+                    else "select (one scale) or flatten / sum / concat")
+            raise ConfigError(f"a method taking {input_kind} input on a concentric store needs "
+                              f"data.multiscale.mode={want}; the config has {mode}")
+
+    @classmethod
+    def from_config(cls, cfg: Any, manifest: Manifest, store: str | Path,
+                    prepare: Callable[[], object] | None = None) -> MultiScaleBagDataModule:
+        ms = cfg.data.multiscale
+        smp = {k: v for k, v in to_dict(ms.sampling).items() if k != "enabled"}
+        sampling = ClusterSampling(**smp) if ms.sampling.enabled else None
+        return cls(manifest, store, mode=str(ms.mode), scale=int(ms.scale), sampling=sampling,
+                   test_bags=int(ms.test_bags), seed=int(cfg.seed), **cls.common_kwargs(cfg, prepare))
 
     def __init__(self, *args, mode: str = "stack", scale: int = 0, sampling: ClusterSampling | None = None,
                  test_bags: int = 1, seed: int = 0, **kwargs) -> None:

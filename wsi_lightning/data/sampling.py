@@ -45,6 +45,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -55,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from wsi_lightning.data.bags import UnpaddedDistributedSampler, epoch_sampler, index_and_epoch
 from wsi_lightning.data.batch import Bag
 from wsi_lightning.manifest import Manifest, patient_split
+from wsi_lightning.config import to_dict
 from wsi_lightning.errors import ConfigError, ManifestError, NoTissueError, SlideError
 from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.registry import DATAMODULES
@@ -751,6 +753,24 @@ class SlideSamplingDataModule(L.LightningDataModule):
             (fixed across epochs); the method averages their predictions.
         prepare: called by ``prepare_data()`` first (e.g. writing the demo slides).
     """
+
+    layout: ClassVar[str | None] = None  # slides are read on the fly: no feature store
+    input_kinds: ClassVar[tuple[str, ...]] = ("patches", "slide")
+
+    @classmethod
+    def check_config(cls, cfg: Any, input_kind: str) -> None:
+        """Any tiling: nothing is tiled or extracted for on-the-fly sampling."""
+
+    @classmethod
+    def from_config(cls, cfg: Any, manifest: Manifest, input_kind: str, root: Path) -> SlideSamplingDataModule:
+        """``data.sampling`` settings; tissue masks cached under ``root/tissue``."""
+        smp = to_dict(cfg.data.sampling)
+        grey_tol, max_fraction = smp.pop("grey_tol"), float(smp.pop("grey_max_fraction"))
+        grey = None if grey_tol is None else GreyFilter(tol=int(grey_tol), max_fraction=max_fraction)
+        thumb = float(cfg.tiling.thumb_mpp)
+        return cls(manifest, mode=input_kind, split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
+                   num_workers=int(cfg.data.num_workers), grey=grey, tissue={"thumb_mpp": thumb},
+                   tissue_cache=root / "tissue" / f"{cfg.tiling.thumb_mpp}mpp", seed=int(cfg.seed), **smp)
 
     def __init__(self, manifest: Manifest, mode: str = "patches", split: dict | None = None,
                  batch_size: int = 1, num_workers: int = 0, prefetch_factor: int = 2,
