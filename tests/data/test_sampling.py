@@ -16,6 +16,7 @@ from torch.utils.data import DistributedSampler
 
 from wsi_lightning.data.bags import UnpaddedDistributedSampler
 from wsi_lightning.manifest import load_manifest, patient_split
+from wsi_lightning.methods.magnet.reads import read_frames
 from wsi_lightning.data.sampling import (
     GreyFilter,
     RegionSampler,
@@ -31,7 +32,6 @@ from wsi_lightning.data.sampling import (
     grey_mask,
     magnets_level,
     magnets_out_size,
-    read_frames,
     slide_refs,
     square_box,
 )

@@ -22,7 +22,7 @@ from wsi_lightning.data.sampling import (
 from wsi_lightning.errors import ConfigError
 from wsi_lightning.manifest import load_manifest
 from wsi_lightning.methods.magnet import MagNet, MagNetNet
-from wsi_lightning.nn.magnify import pixel_count, tree_counts
+from wsi_lightning.methods.magnet.magnify import pixel_count, tree_counts
 from wsi_lightning.slides.pyramid import write_pyramid_tiff
 from wsi_lightning.slides.reader import SlideReader
 

@@ -10,7 +10,7 @@ import torch
 from tests.methods_helpers import tiny_bag
 from wsi_lightning.data.batch import Bag
 from wsi_lightning.methods.patch_transformer import PatchTransformerNet
-from wsi_lightning.nn.patch_transformer import MultiTagAttention, PatchTransformation
+from wsi_lightning.methods.patch_transformer.block import MultiTagAttention, PatchTransformation
 
 D = 12
 TAGS = {"stain": 3, "species": 2, "organ": 4}

@@ -4,7 +4,7 @@ Transformer for multi-tagging whole slide histopathology images", MICCAI 2019; m
 Every slide carries K single-label tags (stain, species, organ): multi-task multi-class
 classification with one softmax head per tag and the loss ``sum_k lambda_k CE_k`` (MILModule's
 task loss; ``loss.tag_weights`` are the lambda_k, 1 in the paper). The net takes patch features
-``V (B, N, D)``: the PT module (:class:`~wsi_lightning.nn.patch_transformer.PatchTransformation`,
+``V (B, N, D)``: the PT module (:class:`~wsi_lightning.methods.patch_transformer.block.PatchTransformation`,
 Eq. 1) turns them into ``V'`` without mixing patches, then Multi-Tag Attention (Eq. 3) pools
 ``V'`` once per tag and classifies each tag from its own slide vector.
 
@@ -44,8 +44,12 @@ from torch import nn
 
 from wsi_lightning.data.batch import Bag
 from wsi_lightning.methods.base import MILModule, MILOutput
+from wsi_lightning.methods.patch_transformer.block import (
+    ATTENTIONS,
+    MultiTagAttention,
+    PatchTransformation,
+)
 from wsi_lightning.nn import AttentionPool, MultiHead
-from wsi_lightning.nn.patch_transformer import ATTENTIONS, MultiTagAttention, PatchTransformation
 from wsi_lightning.registry import METHODS
 
 READOUTS = ("attention", "mean")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_lightning.nn.lin_sampler import affine_grid, lin_grid_sample
-from wsi_lightning.nn.magnify import (
+from wsi_lightning.methods.magnet.lin_sampler import affine_grid, lin_grid_sample
+from wsi_lightning.methods.magnet.magnify import (
     MagnifyingLayer,
     STStack,
     WarmBatchNorm2d,

@@ -6,7 +6,7 @@ leaves, reading the slide pyramid on the fly; a classification layer reads the l
 
     depth 0: the slide padded to a square frame; I (56²) from the batch, I' (112²) read
     layer l = 1..L: for each of its N_in(l) = Π_{j<l} P_j inputs and each child p < P_l, an
-        ST stack (nn/magnify.py) -> 1.5-entmax over 56x56 -> crop (s, t_x, t_y) -> child
+        ST stack (magnify.py) -> 1.5-entmax over 56x56 -> crop (s, t_x, t_y) -> child
         O_p sampled from I' by linearized multi-sampling (56², or 224² at l = L); the child's
         level-0 frame = parent frame ∘ crop; its I' read at the level its size chooses
     leaves (B, N_out(L), 3, 224, 224) -> InceptionV3 -> bi-GRU -> MLP 512/256 -> logits   (L3)
@@ -34,10 +34,10 @@ Deviations from paper (register items 15-21 and ``methods.md`` 4.10):
       does not reach the magnifying layers" (they then learn from L1 and L2 only) [inferred].
     - BatchNorm stays in the ST stacks, including the last 1x1 Conv2D (4.10 item 10), with
       running statistics that start as a cumulative average (so evaluation crops are the
-      training ones from the first epoch; nn/magnify.py ``WarmBatchNorm2d``); children's
+      training ones from the first epoch; magnify.py ``WarmBatchNorm2d``); children's
       I' padding sits where their frame leaves the parent's content; frames use
       ``align_corners=False``; the sampler's forward value is exactly bilinear (no intercept).
-      See nn/magnify.py and nn/lin_sampler.py.
+      See magnify.py and lin_sampler.py.
     - Augmentation (flips, 90° rotations) is applied here to the thumbnail and to every read,
       and predicted crops are mapped back through it, so the ROI tree stays in slide coordinates.
     - Pretrained weights are loaded when fitting starts, never at construction (checkpoints and
@@ -60,18 +60,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_lightning.data.sampling import (
-    LEVEL_RULES,
     GreyFilter,
     SlideBatch,
     dihedral_matrix,
     dihedral_tensor,
-    read_frames,
 )
 from wsi_lightning.errors import ConfigError
 from wsi_lightning.features.backbones import Backbone, build_backbone
 from wsi_lightning.methods.base import MILModule, MILOutput
+from wsi_lightning.methods.magnet.magnify import (
+    MagnifyingLayer,
+    child_frames,
+    clip_boxes,
+    tree_counts,
+)
+from wsi_lightning.methods.magnet.reads import LEVEL_RULES, read_frames
 from wsi_lightning.nn import MultiHead
-from wsi_lightning.nn.magnify import MagnifyingLayer, child_frames, clip_boxes, tree_counts
 from wsi_lightning.registry import METHODS
 from wsi_lightning.slides.reader import SlideCache
 
@@ -98,7 +102,7 @@ class MagNetNet(nn.Module):
         in_size / source_size / leaf_size: sides of I (56), I' (112) and the leaves (224).
         last_source_size: side of the last layer's I' (112; register item 15).
         frozen_patch: child 0 of every layer-2 node is the identity crop.
-        tanh_on, min_scale, sampler: see :class:`~wsi_lightning.nn.magnify.MagnifyingLayer`.
+        tanh_on, min_scale, sampler: see :class:`~wsi_lightning.methods.magnet.magnify.MagnifyingLayer`.
         lin_samples, lin_radius: linearized sampler's K (8) and jitter radius (0.5).
         backbone / aux_backbone: leaf (InceptionV3) and auxiliary (ResNet-18) feature extractors,
             registered presets or timm names.
@@ -108,7 +112,7 @@ class MagNetNet(nn.Module):
         aux_weight: weight of each auxiliary cross-entropy (L2).
         gru_hidden, mlp: GRU width (512) and MLP sizes (512, 256).
         detach_leaves: the classifier's loss (L3) does not reach the magnifying layers.
-        level_rule: ``paper`` | ``resolution``, see :func:`~wsi_lightning.data.sampling.read_frames`.
+        level_rule: ``paper`` | ``resolution``, see :func:`~wsi_lightning.methods.magnet.reads.read_frames`.
         grey_tol: grey filter of every read (15); null: off.
         max_open: slide handles kept open by this process.
     """

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from entmax import entmax15
 from torch import nn
 
-from wsi_lightning.nn.lin_sampler import affine_grid, lin_grid_sample
+from wsi_lightning.methods.magnet.lin_sampler import affine_grid, lin_grid_sample
 
 
 class WarmBatchNorm2d(nn.BatchNorm2d):
