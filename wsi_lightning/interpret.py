@@ -1,4 +1,4 @@
-"""Piece-wise interpretability (Pirovano et al., iMIMIC 2020; ``methods.md`` section 5).
+"""Piece-wise interpretability (Pirovano et al., iMIMIC 2020; ``docs/methods.md`` section 5).
 
 Works on any net with the piece-wise interface of CHOWDER / attention MIL:
 
@@ -17,7 +17,7 @@ truth. Because the attributions are absolute values, a selected feature may carr
 as a *low* activation, which inverts H; the "oriented" heat-map flips such features (those
 lower on the selected tiles J_c than on average) and is reported beside the paper's.
 
-Choices where the paper is silent (register items 22-24), all options:
+Choices where the paper is silent (docs/methods.md register items 22-24), all options:
     - ``gradient``: ``grad_x_input`` (default) or ``grad``. For CHOWDER's linear scorer the plain
       gradient is the weight vector for every tile, so ``k_c`` would not depend on ``J_c``.
     - ``tile_selection``: ``extremes`` (the tiles whose scores fill the positions K_c, CHOWDER;

@@ -250,7 +250,7 @@ def param_overrides(params: dict[str, Any]) -> list[str]:
 
 
 def to_sweep_run(rec: TrialRecord, metric: str) -> SweepRun:
-    """A finished trial as the ``sweeps`` engine expects it (aliased keywords: see ENV.md)."""
+    """A finished trial as the ``sweeps`` engine expects it (aliased keywords: see docs/environment.md)."""
     return SweepRun(
         name=rec.name,
         state=RunState.failed if rec.state == "failed" else RunState.finished,

@@ -108,7 +108,7 @@ def bad_manifest(tmp_path: Path, slides: dict[str, Path], which: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- level choice
-# methods.md 4.4 worked example: 50,000 x 100,000 WSI, nine levels; one ROI inside each row's band
+# docs/methods.md 4.4 worked example: 50,000 x 100,000 WSI, nine levels; one ROI inside each row's band
 WORKED = [((30_000, 60_000), 8), ((20_000, 40_000), 7), ((10_000, 20_000), 6),
           ((5_000, 10_000), 5), ((2_500, 5_000), 4), ((1_200, 2_400), 3), ((500, 1_000), 2),
           ((250, 500), 1), ((100, 200), 0), ((20, 30), 0)]

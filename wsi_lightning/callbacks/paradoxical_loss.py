@@ -1,4 +1,4 @@
-"""MagNets' paradoxical loss L1 (Dimitriou et al., 2024; ``methods.md`` 4.6), as a callback.
+"""MagNets' paradoxical loss L1 (Dimitriou et al., 2024; ``docs/methods.md`` 4.6), as a callback.
 
 Finer, deeper crops should classify a slide at least as well as coarse ones::
 

@@ -11,7 +11,7 @@ back into (N, S, D) and offers the views the CS-MIL baselines need (``mode``):
     sum       (N, D)         same-location features added (MDMIL)
     concat    (N, S * D)     same-location features concatenated (DSMIL-style)
 
-CS-MIL's bag sampling (``methods.md`` 3.5) is :class:`ClusterSampling`: per-slide K-means
+CS-MIL's bag sampling (``docs/methods.md`` 3.5) is :class:`ClusterSampling`: per-slide K-means
 phenotypes, a per-cluster draw with replacement, one masked placeholder per empty cluster, a
 fresh bag per epoch; at test time ``test_bags`` random bags per slide whose probabilities the
 module averages (MILModule groups rows of a batch that share a slide id).

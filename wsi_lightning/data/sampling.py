@@ -4,7 +4,7 @@ Methods that train end to end on pixels do not use the feature store. They read 
 training, at a resolution that depends on what they look at:
 
     choose_level        the pyramid level to read a level-0 box from for a given output size:
-                        ``methods.md`` 4.4 generalised to any pyramid (real level downsamples);
+                        ``docs/methods.md`` 4.4 generalised to any pyramid (real level downsamples);
     RegionSampler       reads a level-0 box (may extend outside the slide, black there) at an
                         output size from that level, through the project's ``SlideReader``;
     grey_filter         the MagNets grey-pixel filter (4.7): grey pixels black + a keep flag;
@@ -104,12 +104,12 @@ def choose_level(
 
 
 def magnets_level(slide_size: tuple[int, int], roi_size: tuple[float, float], n_levels: int) -> int:
-    """The paper's formula (``methods.md`` 4.4), for a halving pyramid.
+    """The paper's formula (``docs/methods.md`` 4.4), for a halving pyramid.
 
     Args:
         slide_size: (w0, h0) level-0 slide size.
         roi_size: (w_c, h_c) ROI size in level-0 pixels.
-        n_levels: pyramid levels; ``m_max = n_levels - 1`` (register item 19).
+        n_levels: pyramid levels; ``m_max = n_levels - 1`` (docs/methods.md register item 19).
 
     Returns:
         ``m = max(m_max - max(R_h, R_w), 0)`` with ``R = floor(log2(slide / roi))``, also capped
@@ -151,7 +151,7 @@ def grey_mask(image: np.ndarray | torch.Tensor, tol: int = GREY_TOL) -> np.ndarr
 
 def grey_filter(image: np.ndarray, tol: int = GREY_TOL, max_fraction: float = 1.0,
                 blacken: bool = True) -> tuple[np.ndarray, float, bool]:
-    """MagNets' grey filter (4.7): background, white, smudges and black padding are grey.
+    """MagNets' grey filter (docs/methods.md 4.7): background, white, smudges and black padding are grey.
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -426,7 +426,7 @@ class TissuePositions:
 
 
 class TissuePatchDataset(_SlideDataset):
-    """M random tissue patches per slide per visit (Patch Transformer, ``methods.md`` 1.2).
+    """M random tissue patches per slide per visit (Patch Transformer, ``docs/methods.md`` 1.2).
 
     Patch centres are drawn uniformly over the tissue mask's pixels (uniform within the pixel);
     2M candidates are drawn and those whose box holds at least ``min_tissue`` tissue come first.

@@ -1,7 +1,7 @@
 """Attention MIL as trained in the piece-wise interpretability study (Pirovano et al., 2020),
 after Ilse et al. (2018).
 
-Piece-wise form (``methods.md`` 5.2): the tile scorer is an attention module, two 1x1
+Piece-wise form (``docs/methods.md`` 5.2): the tile scorer is an attention module, two 1x1
 convolutions (128 channels, then 1) with a softmax over the slide's tiles, giving normalised
 scores ``s_ij``; the aggregator is ``D_i = sum_j s_ij d_ij`` on the raw tile features (so the
 descriptor has the feature size, M = D); the decision is the same 200/100 MLP as CHOWDER.
@@ -9,7 +9,7 @@ descriptor has the feature size, M = D); the decision is the same 200/100 MLP as
 Deviations from paper:
     - The activation between the two attention convolutions is not stated; tanh, as in Ilse
       et al. (``attn_activation``).
-    - Training settings are not given (register item 25): Adam, sigmoid MLP with dropout 0.5,
+    - Training settings are not given (docs/methods.md register item 25): Adam, sigmoid MLP with dropout 0.5,
       as for CHOWDER.
     - Softmax head(s) with cross-entropy instead of one sigmoid output.
 """

@@ -1,12 +1,12 @@
 """CHOWDER (Courtiol et al., 2018) as used by the piece-wise interpretability study
 (Pirovano et al., iMIMIC 2020).
 
-Piece-wise form (``methods.md`` 5.1): tile scorer ``s_ij = w^T d_ij + b`` (a 1x1 convolution
+Piece-wise form (``docs/methods.md`` 5.1): tile scorer ``s_ij = w^T d_ij + b`` (a 1x1 convolution
 over the tile features), MinMax aggregator keeping the R largest and R smallest scores of the
 slide, sorted (descriptor ``D_i`` of size 2R), and a 200/100 decision MLP.
 
 Deviations from paper:
-    - Training settings are not given by the interpretability paper (register item 25): we use
+    - Training settings are not given by the interpretability paper (docs/methods.md register item 25): we use
       CHOWDER-paper-style defaults, an L2 penalty on the tile scorer's weights (``scorer_l2``,
       returned as the ``l2_scorer`` auxiliary loss), sigmoid MLP activations and dropout 0.5.
     - Softmax head(s) with cross-entropy instead of a single sigmoid output (same model for

@@ -1,6 +1,6 @@
 """CLAM-SB: clustering-constrained attention MIL, single attention branch (Lu et al., "Data-
 efficient and weakly supervised computational pathology on whole-slide images", Nat. Biomed. Eng.
-2021; methods.md §2.2 and §6.3).
+2021; docs/methods.md §2.2 and §6.3).
 
 Instances are embedded (``Linear D -> 512, ReLU, Dropout``), scored by gated attention
 (``W_c[tanh(W_a h) ⊙ σ(W_b h)]``, 512 -> 256 -> 1), pooled ``z = Σ_n softmax(a)_n h_n`` and

@@ -1,5 +1,5 @@
 """CS-MIL: cross-scale attention-guided MIL (Deng et al., MMMI 2022; MedIA 2024), on the
-DeepAttnMISL backbone (``methods.md`` section 3).
+DeepAttnMISL backbone (``docs/methods.md`` section 3).
 
 Per instance and scale s (20x, 10x, 5x windows sharing one centre): MI-FCN embedding
 ``f_s = ReLU(W_e x_s)`` (64-d), cross-scale score ``r_s = w_2^T act(W_1 f_s)``, fusion
@@ -9,7 +9,7 @@ classifier. Input bags are (B, N, S, D).
 Deviations from paper:
     - Cross-scale scores are used raw by default (``cs_norm=none``, the official code); the
       paper's Eq. 2 is a softmax over scales (``cs_norm=softmax``). Activation ``relu`` (code
-      and Table 3's best row) by default; ``tanh`` is Eq. 2 (register items 10, 11).
+      and Table 3's best row) by default; ``tanh`` is Eq. 2 (docs/methods.md register items 10, 11).
     - ``shared=true`` shares both the embedding and the cross-scale attention across scales
       (Table 3's "Sharing"); ``false`` gives each scale its own embedding and attention.
     - Softmax head(s) with cross-entropy instead of the clamped Bernoulli NLL.

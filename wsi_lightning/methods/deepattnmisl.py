@@ -3,7 +3,7 @@
 Instances are embedded by the MI-FCN (a 1x1 convolution, i.e. a shared Linear D -> 64, ReLU),
 pooled with Ilse attention (``e_i = w^T tanh(V F_i)``, V: 64 -> 32) over every instance of the
 bag, and the bag embedding is classified by Linear 64 -> 32, ReLU, Dropout 0.5 and the output
-layer (``methods.md`` 3.6 without the cross-scale step).
+layer (``docs/methods.md`` 3.6 without the cross-scale step).
 
 Deviations from paper:
     - Instances are patches, not phenotype clusters: as in CS-MIL's code, clusters only

@@ -3,7 +3,7 @@
 Stream 1 scores every instance (``c_i = W h_i``) and takes the critical instance ``m`` of each
 class (the arg-max score). Stream 2 compares every instance's query ``q_i`` with the critical
 one's, ``A_i = softmax_i(<q_i, q_m> / sqrt(d_q))``, pools ``B = sum_i A_i v_i`` per class, and
-scores the bag with a 1-D convolution over B (``methods.md`` 6.2).
+scores the bag with a 1-D convolution over B (``docs/methods.md`` 6.2).
 
 Deviations from paper:
     - Softmax heads with cross-entropy instead of per-class sigmoids with BCE: the bag stream

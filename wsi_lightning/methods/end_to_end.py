@@ -1,6 +1,6 @@
 """End-to-end MIL from slides: a CNN fine-tuned on random tissue patches under any bag method.
 
-Used for the Patch Transformer's setting (Li et al., MICCAI 2019, methods.md 1.2): every visit of
+Used for the Patch Transformer's setting (Li et al., MICCAI 2019, docs/methods.md 1.2): every visit of
 a slide draws M = 32 random tissue patches (``SlideSamplingDataModule``, patches mode, with
 flips and 90-degree rotations), each is resized and randomly cropped, a CNN (ResNet-50 in the
 paper) embeds them, and a registered bag method (``mil``, e.g. ``patch_transformer``) turns the
@@ -10,10 +10,10 @@ Input: ``Bag`` whose ``features`` are images (B, M, 3, T, T) in [0, 1] (``input_
 "patches"``).
 
 Deviations from paper:
-    - Crops (register item 5): patches read at ``data.sampling.patch_size`` px are resized to
+    - Crops (docs/methods.md register item 5): patches read at ``data.sampling.patch_size`` px are resized to
       ``resize`` px, then randomly cropped to ``crop`` px in training (centre crop at
       evaluation); the paper's 512 px patches resized to 256 and cropped to 224 is the default.
-    - Test-time sampling (register item 3): ``data.sampling.test_draws`` random draws of M
+    - Test-time sampling (docs/methods.md register item 3): ``data.sampling.test_draws`` random draws of M
       patches per slide, fixed across epochs; their predictions are averaged.
     - BatchNorm layers of the CNN run in training mode on the M patches of the step's slides.
     - The task loss is the plain per-target cross-entropy: a wrapped method's own loss

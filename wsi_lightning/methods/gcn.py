@@ -1,5 +1,5 @@
 """GCN baseline of Li et al., "Patch Transformer for multi-tagging whole slide histopathology
-images", MICCAI 2019, Table 2 (methods.md §1.7), after Kipf and Welling, "Semi-supervised
+images", MICCAI 2019, Table 2 (docs/methods.md §1.7), after Kipf and Welling, "Semi-supervised
 classification with graph convolutional networks", ICLR 2017.
 
 Patches are nodes; edges join spatially close patches (their level-0 ``bag.coords``): the ``k``

@@ -1,9 +1,9 @@
 """HAG-MIL: hierarchical attention-guided MIL with the Integrated Attention Transformer
 (Xiong et al., "Diagnose like a pathologist: transformer-enabled hierarchical attention-guided
-multiple instance learning for whole slide image classification", IJCAI 2023; methods.md §2).
+multiple instance learning for whole slide image classification", IJCAI 2023; docs/methods.md §2).
 
 One :class:`~wsi_lightning.nn.iat.IATModel` per quadtree level (coarsest first). A slide is
-classified as a cascade (§2.3): the coarsest level scores all its tiles; the ``t_patch`` tiles
+classified as a cascade (docs/methods.md §2.3): the coarsest level scores all its tiles; the ``t_patch`` tiles
 with the highest raw attention of the last IAM block are expanded to their children at the next
 level (found through the explicit parent indices of the quadtree bag, in parent-rank then
 HAG-MIL child order), which the next model scores, and so on down to the finest level, whose
@@ -21,7 +21,7 @@ Deviations from paper (and from its code):
       each step also applies weight decay and stale momentum to the other two models (register
       item 7); ``optimizers=shared`` reproduces that (zero_grad with ``set_to_none=False``).
     - Admin residual: ω computed for 8 residual layers as admin-torch's default O(log n) setting
-      (``admin=false`` gives the plain residual the spec allows, register item 9).
+      (``admin=false`` gives the plain residual the spec allows, docs/methods.md register item 9).
     - Bags are padded batches (the code runs one slide at a time); a selection never includes
       padding, and ``t_patch`` / ``v_patch`` apply per bag.
     - Multi-target tasks (not in the paper): every extra target gets its own linear head on

@@ -1,7 +1,7 @@
 """Two-step patch-based baselines: "Patchbased-LR" and "Patchbased-SVM" of Li et al., "Patch
 Transformer for multi-tagging whole slide histopathology images", MICCAI 2019, Table 2, after
 Hou et al., "Patch-based convolutional neural network for whole slide tissue image
-classification", CVPR 2016 (methods.md §1.7).
+classification", CVPR 2016 (docs/methods.md §1.7).
 
 Not a Lightning method: scikit-learn on feature bags. ``patch_lr`` / ``patch_svm`` are registered
 :class:`~wsi_lightning.methods.base.SlideEstimator` subclasses; ``run.fit`` dispatches on that class.

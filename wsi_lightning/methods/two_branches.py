@@ -1,6 +1,6 @@
 """TwoBranches: attention MIL plus a patch-level branch (the "TwoBranches" baseline of Li et al.,
 "Patch Transformer for multi-tagging whole slide histopathology images", MICCAI 2019, Table 2;
-methods.md §1.7).
+docs/methods.md §1.7).
 
 Slide branch: DeepMIL (Ilse attention over the embedded patches, one softmax head per tag).
 Patch branch: one linear softmax head per tag on every patch embedding; each patch inherits

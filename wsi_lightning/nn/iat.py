@@ -82,7 +82,7 @@ class GatedScore(nn.Module):
 
 
 class IAMBlock(nn.Module):
-    """Integrated Attention Module (methods.md §2.2).
+    """Integrated Attention Module (docs/methods.md §2.2).
 
     Args:
         d_in, d_out: token sizes in and out.
@@ -139,7 +139,7 @@ def top_bottom_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 class IATModel(nn.Module):
-    """Integrated Attention Transformer for one resolution level (methods.md §2.2).
+    """Integrated Attention Transformer for one resolution level (docs/methods.md §2.2).
 
     Args:
         feat_in: instance feature size D.

@@ -1,7 +1,7 @@
 """Direct JPEG-tile reading for tiled TIFF and Aperio SVS slides.
 
 OpenSlide spends most of a tile read copying pixels (ARGB surfaces, cairo compositing), not
-decoding JPEG (`shared/ENV.md`: 0.19x of the decode limit). For the common case, a TIFF whose
+decoding JPEG (`docs/environment.md`: 0.19x of the decode limit). For the common case, a TIFF whose
 pyramid levels are top-level tiled pages of JPEG tiles, we read each tile's bytes at its file
 offset (one ``os.pread``) and decode them with imagecodecs (libjpeg-turbo), which reaches ~0.9x
 of the raw decode limit.

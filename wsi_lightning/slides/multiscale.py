@@ -4,10 +4,10 @@ Every window is a level-0 pixel box (x0, y0, w, h) plus the microns per pixel it
 scales are defined physically, never by pyramid level numbers: a cohort mixing 0.25 and 0.5 µm/px
 scans gives the same windows in microns (the 0.25 µm/px boxes are twice as large in level-0 px).
 
-- ``concentric_grid`` (CS-MIL, methods.md §3.2): for every tissue tile of ``tile_size`` px at
+- ``concentric_grid`` (CS-MIL, docs/methods.md §3.2): for every tissue tile of ``tile_size`` px at
   ``mpp``, windows of ``f * tile_size`` px at ``mpp`` for each context factor f, all sharing the
   tile's centre and each resized to ``tile_size`` px (so read at ``f * mpp`` µm/px).
-- ``quadtree_grid`` (HAG-MIL, methods.md §2.1): tissue tiles at the coarsest mpp; each finer level
+- ``quadtree_grid`` (HAG-MIL, docs/methods.md §2.1): tissue tiles at the coarsest mpp; each finer level
   (half the mpp) splits every parent into its 4 quarter-area children.
 
 Windows reaching past the slide edge keep their true box and are read with padding; they are never
@@ -30,7 +30,7 @@ from wsi_lightning.slides.tiling import tile_slide
 from wsi_lightning.slides.tissue import TissueMask, segment_tissue
 
 PadValue = int | tuple[int, int, int]
-# HAG-MIL child order (methods.md §2.1, create_quadtree_wsis.py): (x, y), (x, y+s), (x+s, y),
+# HAG-MIL child order (docs/methods.md §2.1, create_quadtree_wsis.py): (x, y), (x, y+s), (x+s, y),
 # (x+s, y+s) with x the column, in level-0 px; rows are (dx, dy) multiples of the child extent s.
 CHILD_OFFSETS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.int64)  # (4, 2)
 
@@ -122,7 +122,7 @@ def _check_kind(d: Mapping[str, np.ndarray], kind: str) -> None:
 # -- concentric windows (CS-MIL) --------------------------------------------------------------
 @dataclass(eq=False)
 class ConcentricGrid:
-    """Concentric multi-scale windows around the tiles of one slide (CS-MIL, methods.md §3.2).
+    """Concentric multi-scale windows around the tiles of one slide (CS-MIL, docs/methods.md §3.2).
 
     Attributes:
         centres: (N, 2) float64 level-0 (x, y) centre shared by all the windows of tile i.
@@ -486,12 +486,12 @@ def quadtree_grid(
     tissue: TissueMask | None = None,
     min_child_tissue: float | None = None,
 ) -> QuadtreeGrid:
-    """HAG-MIL's quadtree of tiles (methods.md §2.1, create_quadtree_wsis.py).
+    """HAG-MIL's quadtree of tiles (docs/methods.md §2.1, create_quadtree_wsis.py).
 
     Level 0 is a regular grid of ``tile_size`` px tiles at ``level_mpps[0]`` on tissue (kept if
     their tissue fraction is >= `min_tissue`). Each finer level splits every parent at level-0
     (x, y) into 4 children of ``tile_size`` px at half the mpp, in HAG-MIL's order (x, y),
-    (x, y+s), (x+s, y), (x+s, y+s), x the column and s the child's level-0 extent (§2.1 step 2
+    (x, y+s), (x+s, y), (x+s, y+s), x the column and s the child's level-0 extent (docs/methods.md §2.1 step 2
     and §2.10). HAG-MIL keeps all 4 children (its index contract ``N_{l+1} = 4 N_l``), including
     those reaching past the slide edge (read padded); `min_child_tissue` optionally drops
     children below a tissue fraction, and with them their descendants. ``parent`` is explicit

@@ -1,6 +1,6 @@
 """Write an RGB image as a pyramidal, JPEG-tiled TIFF that OpenSlide reads like an Aperio SVS.
 
-Recipe verified in ``shared/ENV.md``: one top-level page per level (SubIFD levels are invisible to
+Recipe verified in ``docs/environment.md``: one top-level page per level (SubIFD levels are invisible to
 OpenSlide), ``subfiletype`` 0 then 1, resolution in pixels per centimetre, and an Aperio-style
 ImageDescription so OpenSlide reports vendor ``aperio``, ``openslide.mpp-x`` and objective power.
 """

@@ -25,7 +25,7 @@ The part of a frame that lies outside its parent's content (the slide at layer 1
 ``clip_boxes`` gives the content to read and ``canvas_box`` where it goes in the I' canvas.
 
 Deviations from paper:
-    - tanh placement is a switch (register item 16); the default follows the Appendix code.
+    - tanh placement is a switch (docs/methods.md register item 16); the default follows the Appendix code.
     - The last 1x1 Conv2D keeps BN + ReLU (the Appendix's last-layer flag, which drops BN, cannot
       be attributed to a layer from the snippet).
     - Padding of a child's I' sits where its frame leaves the parent's content rather than being

@@ -1,5 +1,5 @@
 """MagNets: magnifying networks (Dimitriou et al., "Magnifying Networks for Histopathological
-Images with Billions of Pixels", 2024; ``methods.md`` section 4).
+Images with Billions of Pixels", 2024; ``docs/methods.md`` section 4).
 
 A tree of L magnifying layers zooms from a whole-slide thumbnail to a few high-resolution
 leaves, reading the slide pyramid on the fly; a classification layer reads the leaves::
@@ -13,7 +13,7 @@ leaves, reading the slide pyramid on the fly; a classification layer reads the l
     layer-1 / layer-3 children -> one ResNet-18 each -> mean patch logits -> CE          (L2)
     L1, the paradoxical loss on the two auxiliaries: callbacks/paradoxical_loss.py
 
-Deviations from paper (register items 15-21 and ``methods.md`` 4.10):
+Deviations from paper (docs/methods.md register items 15-21 and ``docs/methods.md`` 4.10):
     - No official code exists; this follows the paper, its Appendix snippets and the linearized
       sampler's reference code (item 21).
     - The last layer's I' is rendered at ``last_source_size`` (112, the text; 448 is the
@@ -100,7 +100,7 @@ class MagNetNet(nn.Module):
         num_classes: {target: C}.
         patches: P_l per layer: (3, 2, 3) or (3, 2, 3, 2) in the paper.
         in_size / source_size / leaf_size: sides of I (56), I' (112) and the leaves (224).
-        last_source_size: side of the last layer's I' (112; register item 15).
+        last_source_size: side of the last layer's I' (112; docs/methods.md register item 15).
         frozen_patch: child 0 of every layer-2 node is the identity crop.
         tanh_on, min_scale, sampler: see :class:`~wsi_lightning.methods.magnet.magnify.MagnifyingLayer`.
         lin_samples, lin_radius: linearized sampler's K (8) and jitter radius (0.5).

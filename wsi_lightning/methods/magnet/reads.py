@@ -1,4 +1,4 @@
-"""MagNets' reads of the slide pyramid inside ``forward`` (methods.md 4.3 step 6): the I' image
+"""MagNets' reads of the slide pyramid inside ``forward`` (docs/methods.md 4.3 step 6): the I' image
 of every tree node, a square level-0 frame rendered from the pyramid level its size chooses,
 black outside its content. Built on :class:`~wsi_lightning.data.sampling.RegionSampler`."""
 

@@ -1,5 +1,5 @@
 """Patch Transformer with Multi-Tag Attention (Li, Nguyen, Liao, Wilder, Cheng and Luo, "Patch
-Transformer for multi-tagging whole slide histopathology images", MICCAI 2019; methods.md §1).
+Transformer for multi-tagging whole slide histopathology images", MICCAI 2019; docs/methods.md §1).
 
 Every slide carries K single-label tags (stain, species, organ): multi-task multi-class
 classification with one softmax head per tag and the loss ``sum_k lambda_k CE_k`` (MILModule's
@@ -14,7 +14,7 @@ Table 2 rows are switches, not classes: ``heads`` (h; 0 = no PT module, the "MTA
 order: the attention logger's map k is tag k), or the readout's ``(B, N)`` without MTA;
 ``extras["pt_attention"]`` holds the PT heads' weights ``(B, h, N)``.
 
-Deviations from paper (ambiguity register items 1-5 of methods.md §8 resolved here):
+Deviations from paper (register items 1-5 of docs/methods.md §8, resolved here):
     - Per-head parameters: each PT head has its own ``U_j, w_j`` as the paper indexes them (the
       public third-party port shares one attention module across heads, making them equal).
     - D' (attention hidden size, item 1) is ``attn_dim``, default 128 (Ilse et al.); 512 is the
