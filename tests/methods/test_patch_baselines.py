@@ -12,7 +12,7 @@ import torch
 from tests.conftest import feature_cfg_overrides
 from wsi_lightning import build, config, run
 from wsi_lightning.confusion import read_predictions
-from wsi_lightning.methods.patch_baselines import PatchBaseline, PatchSVM, prediction_rows
+from wsi_lightning.methods.patch_baselines import PatchBaseline, PatchSVM, prediction_frame
 
 TAGS = {"stain": 3, "organ": 4}
 
@@ -65,7 +65,7 @@ def test_prediction_rows_match_the_module_format():
     probs = {"stain": np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]), "organ": np.eye(4)[:2]}
     labels = {"stain": np.array([0, -1]), "organ": np.array([1, 1])}
     names = {"stain": ["he", "ihc", "special"], "organ": ["a", "b", "c", "d"]}
-    df = prediction_rows(["x", "y"], probs, labels, names)
+    df = prediction_frame(["x", "y"], probs, labels, names)
     assert list(df.columns[:5]) == ["slide_id", "stain_label", "stain_pred", "stain_prob_he", "stain_prob_ihc"]
     assert df["stain_pred"].tolist() == ["he", "special"] and df["stain_label"].tolist() == ["he", ""]
     parsed = read_predictions(df.fillna(""))

@@ -188,8 +188,71 @@ def datamodule_for(input_kind: str, tiling: str | None) -> type:
                       f"set tiling.multiscale.mode to one of {need}")
 
 
+class SplitDataModule(L.LightningDataModule):
+    """What every DataModule shares: the manifest and its patient-level split, the class
+    names, the loaders (training: a shuffling sampler of ``(index, epoch)`` keys; DDP: this
+    rank's share, unpadded at validation / test) and moving batches (``batch.to(device)``).
+
+    Subclasses set ``datasets`` in ``setup`` (after :meth:`split`) and may override
+    :meth:`loader_kwargs` (batch size, collate function, workers' settings).
+    """
+
+    def __init__(self, manifest: Manifest, split: dict | None = None, batch_size: int = 1,
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.manifest, self.split_cfg = manifest, dict(split or {})
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        # a split smaller than the number of ranks leaves some ranks without a slide (Lightning hook)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+        self.splits: dict[str, list[str]] = {}
+        self.datasets: dict[str, Any] = {}
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return self.manifest.num_classes
+
+    @property
+    def class_names(self) -> dict[str, list[str]]:
+        return self.manifest.classes
+
+    def split(self) -> dict[str, list[str]]:
+        """The patient-level split of ``data.split`` (see :func:`patient_split`)."""
+        s = self.split_cfg
+        return patient_split(self.manifest, val=float(s.get("val", 0.15)), test=float(s.get("test", 0.3)),
+                             seed=int(s.get("seed", 0)), fold=s.get("fold"))
+
+    def loader_kwargs(self, split: str) -> dict[str, Any]:
+        """DataLoader arguments beyond the dataset and the sampler."""
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                "persistent_workers": self.num_workers > 0}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.datasets[split]
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler: Sampler | None = None
+        if shuffle:  # (index, epoch) keys: the epoch reaches every worker (EpochKeys)
+            sampler = epoch_sampler(ds, world, rank, int(self.split_cfg.get("seed", self.seed)))
+        elif world > 1:
+            sampler = UnpaddedDistributedSampler(len(ds), rank, world)
+        return DataLoader(ds, sampler=sampler, **self.loader_kwargs(split))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        to = getattr(batch, "to", None)
+        return to(device) if callable(to) else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
 @DATAMODULES.register("bags")
-class BagDataModule(L.LightningDataModule):
+class BagDataModule(SplitDataModule):
     """Feature bags from a plain store (``tiling.multiscale.mode=none``).
 
     Every DataModule declares the store ``layout`` it reads (a ``tiling.multiscale.mode``;
@@ -231,27 +294,13 @@ class BagDataModule(L.LightningDataModule):
     def __init__(self, manifest: Manifest, store: str | Path, split: dict | None = None,
                  batch_size: int = 1, max_bag_size: int | None = None, num_workers: int = 0,
                  prepare: Callable[[], object] | None = None, standardize: bool = False) -> None:
-        super().__init__()
-        self.manifest = manifest
+        super().__init__(manifest, split, batch_size, num_workers, seed=int((split or {}).get("seed", 0)))
         self.store = FeatureStore(store)
-        self.split_cfg = dict(split or {})
-        self.batch_size, self.max_bag_size, self.num_workers = batch_size, max_bag_size, num_workers
+        self.max_bag_size = max_bag_size
         self._prepare, self._prepared = prepare, False
         self.left_out: dict[str, list[str]] = {}  # split -> slides the store lacks (skip_errors)
         self.standardize = standardize
         self.scaler: FeatureScaler | None = None
-        # a split smaller than the number of ranks leaves some ranks without a slide (Lightning hook)
-        self.allow_zero_length_dataloader_with_multiple_devices = True
-        self.splits: dict[str, list[str]] = {}
-        self.datasets: dict[str, BagDataset] = {}
-
-    @property
-    def num_classes(self) -> dict[str, int]:
-        return self.manifest.num_classes
-
-    @property
-    def class_names(self) -> dict[str, list[str]]:
-        return self.manifest.classes
 
     @property
     def in_dim(self) -> int:
@@ -269,8 +318,7 @@ class BagDataModule(L.LightningDataModule):
         if self.datasets:
             return
         s = self.split_cfg
-        self.splits = patient_split(self.manifest, val=float(s.get("val", 0.15)), test=float(s.get("test", 0.3)),
-                                    seed=int(s.get("seed", 0)), fold=s.get("fold"))
+        self.splits = self.split()
         available = set(self.store.complete_slides())
         missing = [sid for ids in self.splits.values() for sid in ids if sid not in available]
         if missing:
@@ -297,34 +345,11 @@ class BagDataModule(L.LightningDataModule):
                                              seed=int(s.get("seed", 0)))
         log.info("splits (slides): %s", {k: len(v) for k, v in self.splits.items()})
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        ds = self.datasets[split]
-        world = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler: Sampler | None = None
-        if shuffle:  # (index, epoch) keys: the epoch reaches every worker (EpochKeys)
-            sampler = epoch_sampler(ds, world, rank, int(self.split_cfg.get("seed", 0)))
-        elif world > 1:
-            sampler = UnpaddedDistributedSampler(len(ds), rank, world)
-        return DataLoader(ds, batch_size=self._batch_size(split), sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def loader_kwargs(self, split: str) -> dict[str, Any]:
+        return {**super().loader_kwargs(split), "batch_size": self._batch_size(split), "collate_fn": self.collate}
 
     collate = staticmethod(collate_bags)
 
     def _batch_size(self, split: str) -> int:
         return self.batch_size
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def transfer_batch_to_device(self, batch: Bag, device: torch.device, dataloader_idx: int) -> Bag:
-        levels = None if batch.levels is None else [lv.to(device) for lv in batch.levels]
-        return Bag(batch.features.to(device), batch.mask.to(device), batch.coords.to(device),
-                   {t: v.to(device) for t, v in batch.labels.items()}, batch.slide_ids, levels)
 

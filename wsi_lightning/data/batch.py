@@ -59,6 +59,12 @@ class Bag:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    def to(self, device: torch.device | str) -> Bag:
+        """The same bags on ``device`` (quadtree levels included)."""
+        levels = None if self.levels is None else [lv.to(device) for lv in self.levels]
+        return Bag(self.features.to(device), self.mask.to(device), self.coords.to(device),
+                   {t: v.to(device) for t, v in self.labels.items()}, self.slide_ids, levels)
+
 
 def collate_bags(items: list[dict]) -> Bag:
     """Pad a list of bags to the longest one.

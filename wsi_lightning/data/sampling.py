@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from wsi_lightning.data.bags import UnpaddedDistributedSampler, epoch_sampler, index_and_epoch
+from wsi_lightning.data.bags import SplitDataModule, index_and_epoch
 from wsi_lightning.data.batch import Bag
 from wsi_lightning.manifest import Manifest, patient_split
 from wsi_lightning.config import to_dict
@@ -669,7 +669,7 @@ def collate_slides(items: list[dict]) -> SlideBatch:
 
 # ----------------------------------------------------------------------------- Lightning
 @DATAMODULES.register("slide_sampling")
-class SlideSamplingDataModule(L.LightningDataModule):
+class SlideSamplingDataModule(SplitDataModule):
     """Slides read on the fly: random tissue patches (``mode="patches"``) or whole slides for
     models that read regions themselves (``mode="slide"``).
 
@@ -730,15 +730,12 @@ class SlideSamplingDataModule(L.LightningDataModule):
                  tissue_cache: str | Path | None = None, backend: str = "auto",
                  max_open: int = 16, resample: str = "bilinear", seed: int = 0, test_draws: int = 1,
                  prepare: Callable[[], object] | None = None) -> None:
-        super().__init__()
         _check_args(mode=mode, batch_size=batch_size, num_workers=num_workers,
                     prefetch_factor=prefetch_factor, n_patches=n_patches, patch_size=patch_size,
                     patch_mpp=patch_mpp, min_tissue=min_tissue, image_size=image_size,
                     resample=resample)
-        self.manifest, self.mode, self.split_cfg = manifest, mode, dict(split or {})
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.prefetch_factor = prefetch_factor
-        self.seed, self._prepare = seed, prepare
+        super().__init__(manifest, split, batch_size, num_workers, seed=seed)
+        self.mode, self.prefetch_factor, self._prepare = mode, prefetch_factor, prepare
         self.tissue_cache = None if tissue_cache is None else Path(tissue_cache)
         common = dict(augment=augment, seed=seed, grey=grey, backend=backend, max_open=max_open,
                       resample=resample)
@@ -748,17 +745,6 @@ class SlideSamplingDataModule(L.LightningDataModule):
                                 tissue_cache=self.tissue_cache, draws=test_draws, **common)
         else:
             self._kwargs = dict(image_size=image_size, **common)
-        self.allow_zero_length_dataloader_with_multiple_devices = True  # as BagDataModule
-        self.splits: dict[str, list[str]] = {}
-        self.datasets: dict[str, _SlideDataset] = {}
-
-    @property
-    def num_classes(self) -> dict[str, int]:
-        return self.manifest.num_classes
-
-    @property
-    def class_names(self) -> dict[str, list[str]]:
-        return self.manifest.classes
 
     @property
     def in_dim(self) -> int:
@@ -795,10 +781,7 @@ class SlideSamplingDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        s = self.split_cfg
-        self.splits = patient_split(self.manifest, val=float(s.get("val", 0.15)),
-                                    test=float(s.get("test", 0.3)), seed=int(s.get("seed", 0)),
-                                    fold=s.get("fold"))
+        self.splits = self.split()
         if not self.splits["train"]:
             raise ConfigError(f"manifest {self.manifest.source}: the split leaves no training "
                               f"slide ({ {k: len(v) for k, v in self.splits.items()} }); "
@@ -807,40 +790,14 @@ class SlideSamplingDataModule(L.LightningDataModule):
             self.datasets[name] = self._dataset(ids, train=name == "train")
         log.info("splits (slides): %s", {k: len(v) for k, v in self.splits.items()})
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        ds = self.datasets[split]
-        world = self.trainer.world_size if self.trainer is not None else 1
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler: Sampler | None = None
-        if shuffle:  # (index, epoch) keys: the epoch reaches the workers
-            sampler = epoch_sampler(ds, world, rank, int(self.split_cfg.get("seed", self.seed)))
-        elif world > 1:
-            sampler = UnpaddedDistributedSampler(len(ds), rank, world)
+    def loader_kwargs(self, split: str) -> dict:
         workers = self.num_workers > 0
-        draws = getattr(ds, "draws", 1)
-        return DataLoader(ds, batch_size=self.batch_size if draws == 1 else 1,  # R draws of one slide a batch
-                          sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate_slides if self.mode == "slide" else collate_patches,
-                          prefetch_factor=self.prefetch_factor if workers else None,
-                          persistent_workers=workers, pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def transfer_batch_to_device(self, batch: SlideBatch | dict, device: torch.device,
-                                 dataloader_idx: int) -> SlideBatch | dict:
-        if isinstance(batch, SlideBatch):
-            return batch.to(device)
-        if isinstance(batch, Bag):
-            return Bag(batch.features.to(device), batch.mask.to(device), batch.coords.to(device),
-                       {t: v.to(device) for t, v in batch.labels.items()}, batch.slide_ids)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        draws = getattr(self.datasets[split], "draws", 1)
+        return {"batch_size": self.batch_size if draws == 1 else 1,  # R draws of one slide a batch
+                "num_workers": self.num_workers, "persistent_workers": workers,
+                "collate_fn": collate_slides if self.mode == "slide" else collate_patches,
+                "prefetch_factor": self.prefetch_factor if workers else None,
+                "pin_memory": torch.cuda.is_available()}
 
 
 def _check_args(**a) -> None:

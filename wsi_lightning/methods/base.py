@@ -59,6 +59,30 @@ def _mean_by_slide(ids: list[str], probs: dict[str, torch.Tensor], labels: dict[
     return uniq, out_p, {t: y[first] for t, y in labels.items()}
 
 
+def prediction_rows(slide_ids: list[str], probs: dict[str, Any], labels: dict[str, Any],
+                    class_names: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Rows of ``{stage}_predictions.csv``, for every method (``MILModule`` and the
+    ``SlideEstimator`` baselines alike): ``slide_id``, then per target ``label`` (empty when
+    unknown), ``pred`` and ``prob_<class>``, prefixed ``<target>_`` when there are several.
+
+    Args:
+        probs: {target: (B, C) probabilities} (tensors or arrays); labels: {target: (B,)}.
+    """
+    targets = list(probs)
+    rows = []
+    for i, sid in enumerate(slide_ids):
+        row: dict[str, Any] = {"slide_id": sid}
+        for t in targets:
+            pre, names = ("" if len(targets) == 1 else f"{t}_"), class_names[t]
+            y = int(labels[t][i])
+            row[f"{pre}label"] = names[y] if y >= 0 else ""
+            row[f"{pre}pred"] = names[int(probs[t][i].argmax())]
+            for c, name in enumerate(names):
+                row[f"{pre}prob_{name}"] = float(probs[t][i][c])
+        rows.append(row)
+    return rows
+
+
 def net_arguments(net_cls: type[nn.Module]) -> dict[str, Any]:
     """The configurable arguments of a net: {name: default} (``inspect.Parameter.empty``
     for required ones), without the injected ``in_dim`` / ``num_classes``."""
@@ -305,18 +329,8 @@ class MILModule(L.LightningModule):
 
     # ----------------------------------------------------------------- predictions
     def _record(self, slide_ids: list[str], labels: dict[str, torch.Tensor], probs: dict[str, torch.Tensor]) -> None:
-        for i, sid in enumerate(slide_ids):
-            row: dict[str, Any] = {"slide_id": sid}
-            for t in self.targets:
-                names = self.class_names[t]
-                p = probs[t][i].cpu()
-                pre = "" if len(self.targets) == 1 else f"{t}_"
-                y = int(labels[t][i])
-                row[f"{pre}label"] = names[y] if y >= 0 else ""
-                row[f"{pre}pred"] = names[int(p.argmax())]
-                for c, name in enumerate(names):
-                    row[f"{pre}prob_{name}"] = float(p[c])
-            self._records.append(row)
+        self._records += prediction_rows(slide_ids, {t: probs[t].cpu() for t in self.targets}, labels,
+                                         self.class_names)
 
     def gathered_records(self) -> list[dict]:
         """This epoch's prediction rows from every rank (each slide once)."""

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from wsi_lightning.methods.base import SlideEstimator
+from wsi_lightning.methods.base import SlideEstimator, prediction_rows
 from wsi_lightning.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -201,22 +201,10 @@ def _slide_proba(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------- runs
-def prediction_rows(ids: list[str], probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                    class_names: dict[str, list[str]]) -> pd.DataFrame:
-    """Rows in MILModule's ``{stage}_predictions.csv`` format (``<tag>_`` prefixes when multi-tag)."""
-    tags = list(probs)
-    rows = []
-    for i, sid in enumerate(ids):
-        row: dict[str, Any] = {"slide_id": sid}
-        for t in tags:
-            pre, names = ("" if len(tags) == 1 else f"{t}_"), class_names[t]
-            y = int(labels[t][i])
-            row[f"{pre}label"] = names[y] if y >= 0 else ""
-            row[f"{pre}pred"] = names[int(probs[t][i].argmax())]
-            for c, name in enumerate(names):
-                row[f"{pre}prob_{name}"] = float(probs[t][i][c])
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values("slide_id")
+def prediction_frame(ids: list[str], probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                     class_names: dict[str, list[str]]) -> pd.DataFrame:
+    """:func:`~wsi_lightning.methods.base.prediction_rows` as a frame sorted by slide."""
+    return pd.DataFrame(prediction_rows(ids, probs, labels, class_names)).sort_values("slide_id")
 
 
 def evaluate(estimator: PatchBaseline, datamodule: Any, run_dir: str | Path, confusion: bool = True) -> dict[str, float]:
@@ -240,7 +228,7 @@ def evaluate(estimator: PatchBaseline, datamodule: Any, run_dir: str | Path, con
         items = [ds[stage][i] for i in range(len(ds[stage]))]
         ids, probs = model.predict_proba(items)
         labels = {t: np.array([it["labels"][t] for it in items]) for t in probs}
-        prediction_rows(ids, probs, labels, datamodule.class_names).to_csv(run_dir / f"{stage}_predictions.csv", index=False)
+        prediction_frame(ids, probs, labels, datamodule.class_names).to_csv(run_dir / f"{stage}_predictions.csv", index=False)
         tm = TaskMetrics(datamodule.num_classes)
         tm.update({t: torch.from_numpy(p).float() for t, p in probs.items()},
                   {t: torch.from_numpy(y) for t, y in labels.items()})
