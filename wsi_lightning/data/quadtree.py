@@ -58,27 +58,6 @@ def split_levels(store, sid: str, scaler=None) -> list[dict]:
 class QuadtreeBagDataset(BagDataset):
     """Bags of one split: all levels (``level=None``) or one level as a plain bag."""
 
-    layout = "quadtree"
-    input_kinds = ("bag", "quadtree")
-
-    @classmethod
-    def check_config(cls, cfg: Any, input_kind: str) -> None:
-        mode = str(cfg.data.multiscale.mode)
-        if mode not in ("stack", "select"):
-            raise ConfigError(f"data.multiscale.mode={mode} with tiling.multiscale.mode=quadtree; "
-                              "expected stack (every level, for hierarchical methods) or select "
-                              "(the level data.multiscale.scale alone: 0 = coarsest, -1 = finest)")
-        if (input_kind == "quadtree") != (mode == "stack"):
-            want = "stack (every level)" if input_kind == "quadtree" else "select (one level, a plain bag)"
-            raise ConfigError(f"a method taking {input_kind} input on a quadtree store needs "
-                              f"data.multiscale.mode={want}; the config has {mode}")
-
-    @classmethod
-    def from_config(cls, cfg: Any, manifest: Manifest, store: str | Path,
-                    prepare: Callable[[], object] | None = None) -> QuadtreeBagDataModule:
-        level = int(cfg.data.multiscale.scale) if cfg.data.multiscale.mode == "select" else None
-        return cls(manifest, store, level=level, **cls.common_kwargs(cfg, prepare))
-
     def __init__(self, *args, level: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.level = level
