@@ -307,6 +307,18 @@ def changed_keys(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [key]
 
 
+def non_execution_keys(overrides: DictConfig) -> list[str]:
+    """The dotted keys of parsed overrides that change what a run computes (not
+    ``EXECUTION_KEYS``): what a resumed run or sweep must refuse."""
+
+    def dotted(d: Any, prefix: str = "") -> list[str]:
+        if isinstance(d, dict):
+            return [k for name, v in d.items() for k in dotted(v, f"{prefix}{name}.")]
+        return [prefix.rstrip(".")]
+
+    return [k for k in dotted(OmegaConf.to_container(overrides)) if not is_execution_key(k)]
+
+
 def is_execution_key(key: str) -> bool:
     """``trainer.num_threads`` or anything under ``logger`` / ``paths``: see ``EXECUTION_KEYS``."""
     return any(key == k or key.startswith(f"{k}.") for k in EXECUTION_KEYS)

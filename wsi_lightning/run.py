@@ -82,7 +82,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None, exp: 
     """The saved config of a run folder, for resuming it. Only overrides of how the run
     executes (``config.EXECUTION_KEYS``: threads, workers, loggers, paths) are accepted; one
     that changes the model or the data would make the resumed run a different run."""
-    from wsi_lightning.config import check_keys, is_execution_key, parse_overrides
+    from wsi_lightning.config import check_keys, non_execution_keys, parse_overrides
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.resolved.yaml"
@@ -94,8 +94,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None, exp: 
         raise WSIError(f"--resume {run_dir}: that folder is a run of '{cfg.name}', not of '{exp}'; "
                        f"run wsi fit {cfg.name} --resume {run_dir}")
     cli = parse_overrides(overrides)
-    keys = [k for k, _ in _dotted(OmegaConf.to_container(cli))]
-    refused = [k for k in keys if not is_execution_key(k)]
+    refused = non_execution_keys(cli)
     if refused:
         raise WSIError(f"--resume {run_dir}: override(s) {refused} change what the run computes; a "
                        "resumed run keeps its saved config (config.resolved.yaml). Only execution "
@@ -103,12 +102,6 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None, exp: 
                        "start a new run for the others")
     check_keys(cfg, cli, "command-line overrides")
     return OmegaConf.merge(cfg, cli)
-
-
-def _dotted(d: object, prefix: str = "") -> list[tuple[str, object]]:
-    if isinstance(d, dict):
-        return [kv for k, v in d.items() for kv in _dotted(v, f"{prefix}{k}.")]
-    return [(prefix.rstrip("."), d)]
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None, exp: str | None = None,

@@ -470,10 +470,7 @@ def _resume_sweep(name_or_path: str | Path, sweep_dir: Path, overrides: list[str
     if any(now.get(k) != resolved.get(k) for k in keys):
         raise WSIError(f"--resume {sweep_dir}: {path} has changed since that sweep started "
                        "(method, metric or parameters differ); start a new sweep")
-    from wsi_lightning.config import is_execution_key, parse_overrides
-
-    keys = [k for k, _ in run._dotted(OmegaConf.to_container(parse_overrides(overrides)))]  # noqa: SLF001
-    refused = [k for k in keys if not is_execution_key(k)]
+    refused = config.non_execution_keys(config.parse_overrides(overrides))
     if refused:
         raise WSIError(f"--resume {sweep_dir}: override(s) {refused} would change the trials; only "
                        "execution settings (trainer.num_threads, data.num_workers, logger.*) may change")
