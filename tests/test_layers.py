@@ -153,3 +153,15 @@ def test_importing_a_layer_loads_nothing_above_it(module: str, forbidden: str):
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('{forbidden}')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_callbacks_read_only_typed_outputs():
+    """Callbacks read MILOutput's typed fields (attention, tile_scores, cross_scale, tile_maps,
+    roi_tree, aux_logits, stats), never a method's private ``extras`` keys."""
+    offenders = []
+    for path in sorted((PKG / "callbacks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr == "extras") or (
+                    isinstance(node, ast.Constant) and node.value == "extras"):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"callbacks reading MILOutput.extras: {offenders}"

@@ -21,7 +21,7 @@ from wsi_lightning.callbacks.mechanism import Mechanism
 from wsi_lightning.data.batch import Bag, LevelSet
 from wsi_lightning.errors import ConfigError
 from wsi_lightning.interpret import localisation_auc
-from wsi_lightning.methods.base import MILOutput
+from wsi_lightning.methods.base import MILOutput, RoiTree, TileMap
 from wsi_lightning.slides.annotations import Lesion
 from wsi_lightning.slides.multiscale import CHILD_OFFSETS
 
@@ -151,15 +151,15 @@ def test_hag_mil_maps_index_the_scored_tiles_of_each_level():
     net = HAGMILNet(8, {"label": 2}, n_levels=3, t_patch=1, v_patch=2, **CONTRACT_KWARGS["hag_mil"]).eval()
     bag = quadtree_bag(8, b=2, n0=4, pad_to=5)
     with torch.no_grad():
-        maps = net(bag).extras["maps"]
+        maps = net(bag).tile_maps
     for lv, m in zip(bag.levels, maps, strict=True):
-        idx = m["index"]  # (B, n)
-        assert idx.dtype == torch.int64 and torch.equal(idx >= 0, m["mask"])
+        idx = m.index  # (B, n)
+        assert idx.dtype == torch.int64 and torch.equal(idx >= 0, m.mask)
         for b in range(2):
             valid = idx[b][idx[b] >= 0]
             assert bool(lv.mask[b][valid].all()) and len(set(valid.tolist())) == len(valid)
-            assert torch.equal(m["coords"][b][idx[b] >= 0], lv.coords[b][valid])
-    assert (maps[1]["index"] >= 0).sum(1).tolist() == [8, 8]  # v_patch=2 parents: 8 children a bag
+            assert torch.equal(m.coords[b][idx[b] >= 0], lv.coords[b][valid])
+    assert (maps[1].index >= 0).sum(1).tolist() == [8, 8]  # v_patch=2 parents: 8 children a bag
 
 
 # ----------------------------------------------------------------------------- callback
@@ -243,7 +243,7 @@ def test_attention_lesion_tiles_first_gives_auc_1_and_the_csv(tmp_path: Path):
     assert df["annotation"].tolist() == ["annotated"] * 3 and df["lesion_tiles"].tolist() == [0, 2, 1]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     # CHOWDER-style tile scores (no attention), and (B, H, N) attention's chosen map
-    logged = run_callback(Mechanism(), trainer, [(bag, MILOutput({}, extras={"tile_scores": att}))])
+    logged = run_callback(Mechanism(), trainer, [(bag, MILOutput({}, tile_scores=att))])
     assert logged["test/loc_auc"] == 1.0
     multi = torch.stack([1 - att, att], 1)  # (B, 2, N): the last map is the good one
     assert run_callback(Mechanism(), trainer, [(bag, MILOutput({}, attention=multi))])["test/loc_auc"] == 1.0
@@ -257,7 +257,7 @@ def test_cross_scale_in_and_out_with_merged_test_bags(tmp_path: Path):
     r = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]],
                       [[0.4, 0.6], [0.2, 0.8], [0.7, 0.3]],  # tile 0 at row 2: weight (0.7, 0.3)
                       [[0.5, 0.5]] * 3])
-    out = MILOutput({}, attention=torch.full((3, 3), 1 / 3), extras={"cross_scale": r})
+    out = MILOutput({}, attention=torch.full((3, 3), 1 / 3), cross_scale=r)
     logged = run_callback(Mechanism(metrics=["cross_scale"]), trainer, [(bag, out)])
     assert logged["test/cs_weight_s0_in"] == pytest.approx(0.8)  # tile 0: mean of 0.9 and 0.7
     assert logged["test/cs_weight_s1_out"] == pytest.approx(((0.8 + 0.8) / 2 + (0.7 + 0.6) / 2) / 2)
@@ -275,9 +275,10 @@ def quadtree_batch(ids: list[str], scored: list[list[int]]) -> tuple[Bag, MILOut
                              torch.from_numpy(xy).expand(b, -1, -1).clone(), torch.full((b, n), -1), int(ext), 1.0))
     width = max(map(len, scored))
     idx1 = torch.tensor([s + [-1] * (width - len(s)) for s in scored])
-    maps = [{"name": "level0", "index": torch.arange(2).expand(b, -1)}, {"name": "level1", "index": idx1}]
+    maps = [TileMap(f"level{lvl}", torch.zeros(i.shape), i >= 0, torch.zeros(*i.shape, 2), ext, i)
+            for lvl, (i, ext) in enumerate(zip((torch.arange(2).expand(b, -1), idx1), extents, strict=True))]
     fin = sets[-1]
-    return Bag(fin.features, fin.mask, fin.coords, {}, ids, sets), MILOutput({}, extras={"maps": maps})
+    return Bag(fin.features, fin.mask, fin.coords, {}, ids, sets), MILOutput({}, tile_maps=maps)
 
 
 def test_hag_mil_recall_and_tiles_scored(tmp_path: Path):
@@ -328,7 +329,7 @@ def roi_output(ids: list[str]) -> MILOutput:
     frames = [torch.tensor([[[0.0, 0.0, 512.0, 512.0]]]).expand(b, -1, -1),
               torch.tensor([[[0.0, 0.0, 128.0, 128.0], [300.0, 0.0, 428.0, 128.0]]]).expand(b, -1, -1),
               torch.tensor([[[0.0, 0.0, 64.0, 64.0], [64.0, 64.0, 128.0, 128.0]] * 2]).expand(b, -1, -1)]
-    return MILOutput({}, extras={"roi_tree": {"frames": frames, "patches": (2, 2)}})
+    return MILOutput({}, roi_tree=RoiTree(frames, (2, 2)))
 
 
 def test_magnet_rois_against_tissue_chance_and_the_slide_area_fallback(tmp_path: Path, tissue_slide: Path,

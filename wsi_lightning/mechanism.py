@@ -5,14 +5,14 @@ and :func:`summarise`, which pools the per-slide records of the test slides into
 A *tumour slide* is a test slide whose annotation holds at least one lesion
 (:func:`wsi_lightning.slides.annotations.load_lesions`); only those enter the lesion metrics.
 
-MagNets (``extras["roi_tree"]``, depth d = 1..L, L = leaves):
+MagNets (``MILOutput.roi_tree``, depth d = 1..L, L = leaves):
     roi_in_lesion_d{d}     mean over the tumour slides' depth-d ROIs of the share of the ROI's
                            area inside lesions (:func:`box_lesion_fraction`)
     roi_in_lesion          the same at the leaves (d = L)
     lesion_area_fraction   chance level: mean over tumour slides of lesion area / tissue area
                            (tissue mask points inside lesions; the slide's area when no mask)
     roi_in_lesion_ratio    roi_in_lesion / lesion_area_fraction (1 = no better than chance)
-HAG-MIL (``extras["maps"]`` with ``index``, ``Bag.levels``; level l = 1..L-1):
+HAG-MIL (``MILOutput.tile_maps`` with ``index``, ``Bag.levels``; level l = 1..L-1):
     lesion_recall_l{l}     sum over tumour slides of the level-l lesion tiles the cascade scored
                            (the children kept by level l-1's top-k) / sum of all level-l lesion
                            tiles; lesion tile: tile rule of :func:`tile_labels`
@@ -20,10 +20,10 @@ HAG-MIL (``extras["maps"]`` with ``index``, ``Bag.levels``; level l = 1..L-1):
     tiles_scored_finest    mean over all test slides of the finest-level tiles scored
     tiles_finest_all       mean over all test slides of the finest-level tiles (what a method
                            scoring every finest tile scores)
-CS-MIL (``extras["cross_scale"]`` (B, N, S)):
+CS-MIL (``MILOutput.cross_scale`` (B, N, S)):
     cs_weight_s{k}_in      mean cross-scale weight of scale k over the tumour slides' lesion tiles
     cs_weight_s{k}_out     the same over their other tiles
-Attention (``attention`` (B, N), or ``extras["tile_scores"]``):
+Attention (``attention`` (B, N), or ``MILOutput.tile_scores``):
     loc_auc                ROC AUC of the tile scores, min-max normalised per slide, against tile
                            ground truth, pooled over the tumour slides' tiles
     loc_auc_slide          mean over tumour slides (with lesion and non-lesion tiles) of the

@@ -24,7 +24,7 @@ def test_cross_scale_scores_become_extra_maps():
     cb._slides = []
     mask = torch.tensor([[True, True, False]])
     bag = Bag(torch.zeros(1, 3, 3, 4), mask, torch.tensor([[[0, 0], [5, 0], [-1, -1]]]), {}, ["s"])
-    out = SimpleNamespace(attention=torch.tensor([[0.3, 0.7, 0.0]]), extras={"cross_scale": torch.arange(9.0).view(1, 3, 3)})
+    out = SimpleNamespace(attention=torch.tensor([[0.3, 0.7, 0.0]]), cross_scale=torch.arange(9.0).view(1, 3, 3))
     cb.on_test_batch_end(SimpleNamespace(is_global_zero=True), SimpleNamespace(last_output=out), None, bag, 0)
     att = cb._slides[0]["attention"]  # (1 + S, n)
     assert att.shape == (4, 2)

@@ -35,7 +35,7 @@ def test_l2_penalty_on_scorer_and_extras():
     out = net(tiny_bag(8))
     w = net.scorer.weight
     torch.testing.assert_close(out.aux_losses["l2_scorer"], 0.5 * w.pow(2).sum())
-    assert out.extras["descriptor"].shape == (2, 6) and out.extras["tile_scores"].shape == (2, 10)
+    assert out.extras["descriptor"].shape == (2, 6) and out.tile_scores.shape == (2, 10)
 
 
 def _demo_like_bags(n_bags: int, seed: int, d: int = 64, n: int = 60, lesion: int = 15):

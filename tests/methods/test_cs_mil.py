@@ -17,8 +17,8 @@ def ms_bag(n: int = 9, s: int = 3, d: int = 8) -> Bag:
 
 def test_softmax_normalises_cross_scale_scores():
     bag = ms_bag()
-    r_none = CSMILNet(8, {"y": 2}, cs_norm="none").eval()(bag).extras["cross_scale"]
-    r_soft = CSMILNet(8, {"y": 2}, cs_norm="softmax").eval()(bag).extras["cross_scale"]
+    r_none = CSMILNet(8, {"y": 2}, cs_norm="none").eval()(bag).cross_scale
+    r_soft = CSMILNet(8, {"y": 2}, cs_norm="softmax").eval()(bag).cross_scale
     valid = bag.mask
     torch.testing.assert_close(r_soft[valid].sum(-1), torch.ones(int(valid.sum())))
     assert not torch.allclose(r_none[valid].sum(-1), torch.ones(int(valid.sum())))
@@ -42,7 +42,7 @@ def test_tanh_bounds_hidden_activation():
 def test_masked_placeholders_get_zero_attention_and_bad_input():
     bag = ms_bag()
     out = CSMILNet(8, {"y": 2}).eval()(bag)
-    assert (out.attention[1, 5:] == 0).all() and (out.extras["cross_scale"][1, 5:] == 0).all()
+    assert (out.attention[1, 5:] == 0).all() and (out.cross_scale[1, 5:] == 0).all()
     with pytest.raises(ValueError, match="multi-scale bags"):
         CSMILNet(8, {"y": 2})(Bag(torch.zeros(1, 4, 8), torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 4, 2)))
     with pytest.raises(ValueError, match="cs_norm"):

@@ -80,24 +80,24 @@ def test_tree_shapes_frozen_patch_scales_and_pixel_counts(manifest):
     with torch.no_grad():
         out = net(batch)
     assert out.logits["label"].shape == (2, 2) and torch.isfinite(out.logits["label"]).all()
-    tree = out.extras["roi_tree"]
+    tree = out.roi_tree
     n_in, n_leaves = tree_counts((3, 2, 3))
-    assert [f.shape[1] for f in tree["frames"]] == [1, 3, 6, 18]
-    assert [lv.shape[1] for lv in tree["levels"]] == n_in  # one I' read per layer input
-    assert out.extras["leaves"].shape == (2, n_leaves, 3, 32, 32)
-    assert set(out.extras["aux_logits"]) == {"layer1", "layer3"}
+    assert [f.shape[1] for f in tree.frames] == [1, 3, 6, 18]
+    assert [lv.shape[1] for lv in tree.levels] == n_in  # one I' read per layer input
+    assert out.roi_tree.leaves.shape == (2, n_leaves, 3, 32, 32)
+    assert set(out.aux_logits) == {"layer1", "layer3"}
     # frozen patch: child 0 of every layer-2 node re-reads its parent's whole frame
-    torch.testing.assert_close(tree["frames"][2][:, ::2], tree["frames"][1])
-    assert (tree["theta"][1][:, ::2] == torch.tensor([1.0, 0, 0], dtype=torch.float64)).all()
-    for theta in tree["theta"]:
+    torch.testing.assert_close(tree.frames[2][:, ::2], tree.frames[1])
+    assert (tree.theta[1][:, ::2] == torch.tensor([1.0, 0, 0], dtype=torch.float64)).all()
+    for theta in tree.theta:
         assert (theta[..., 0] >= 0.05 - 1e-6).all() and (theta[..., 0] <= 1 + 1e-6).all()
     # frames nest: every child inside its parent's frame (up to the 0.05 scale floor)
     for d in range(1, 4):
-        parent = tree["frames"][d - 1].repeat_interleave((3, 2, 3)[d - 1], 1)
+        parent = tree.frames[d - 1].repeat_interleave((3, 2, 3)[d - 1], 1)
         side = parent[..., 2] - parent[..., 0]
-        assert (tree["frames"][d][..., :2] >= parent[..., :2] - 0.03 * side[..., None]).all()
-        assert (tree["frames"][d][..., 2:] <= parent[..., 2:] + 0.03 * side[..., None]).all()
-    stats = out.extras["stats"]
+        assert (tree.frames[d][..., :2] >= parent[..., :2] - 0.03 * side[..., None]).all()
+        assert (tree.frames[d][..., 2:] <= parent[..., 2:] + 0.03 * side[..., None]).all()
+    stats = out.stats
     assert stats["pixels_per_slide"] == pixel_count((3, 2, 3), in_size=16, leaf_size=32)
     assert stats["source_pixels_per_slide"] == 3 * sum(n_in) * 32**2
     assert stats["pyramid_pixels_per_slide"] > 0
@@ -112,7 +112,7 @@ def test_pixels_at_the_paper_sizes(manifest, patches, n_in):
     with torch.no_grad():
         outputs, tree = net.magnify(batch)
     assert outputs[-1].shape[1:] == (math.prod(patches), 3, 224, 224)
-    pixels = tree["pixels"]
+    pixels = tree.pixels
     assert pixels["processed"] == {10: 2_803_584, 28: 5_682_432}[n_in]  # the paper's ~3 / ~6 M
     assert pixels["sources"] == n_in * 37_632  # the 112x112 I' reads, reported apart
 
@@ -121,14 +121,14 @@ def test_levels_follow_the_paper_formula(manifest):
     net = MagNetNet(3, {"label": 2}, **TREE).eval()
     batch = batch_of(manifest)
     with torch.no_grad():
-        tree = net(batch).extras["roi_tree"]
-    for d, levels in enumerate(tree["levels"]):
+        tree = net(batch).roi_tree
+    for d, levels in enumerate(tree.levels):
         for b in range(2):
             dims = tuple(batch.dimensions[b].tolist())
-            for f, lv in zip(tree["frames"][d][b], levels[b], strict=True):
+            for f, lv in zip(tree.frames[d][b], levels[b], strict=True):
                 side = float(f[2] - f[0])
                 assert int(lv) == magnets_level(dims, (side, side), 3)
-    assert (tree["levels"][0] == 2).all()  # the whole slide: the coarsest level
+    assert (tree.levels[0] == 2).all()  # the whole slide: the coarsest level
 
 
 @pytest.mark.parametrize("aug", [[0, 0, 0], [1, 1, 0], [3, 0, 1]])
@@ -140,7 +140,7 @@ def test_patches_show_their_level0_frames_under_augmentation(manifest, aug):
     batch = batch_of(manifest, aug=[aug, aug])
     with torch.no_grad():
         out = net(batch)
-    frames, leaves = out.extras["roi_tree"]["frames"][-1], out.extras["leaves"]
+    frames, leaves = out.roi_tree.frames[-1], out.roi_tree.leaves
     reader = SlideReader(batch.paths[0])
     errors = []
     for k in range(frames.shape[1]):

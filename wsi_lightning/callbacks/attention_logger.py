@@ -14,11 +14,11 @@ writes, under ``<run folder>/<out_dir>/``:
 ``tile`` is the tile's row in the feature store (test bags are never subsampled), except with
 test-time bag sampling (CS-MIL): a slide's sampled bags are merged, one value per sampled
 location (its mean over the bags), and ``tile`` indexes those locations. Methods that return
-cross-scale scores (``extras["cross_scale"]``, (B, N, S)) get S more maps after the instance
+cross-scale scores (``MILOutput.cross_scale``, (B, N, S)) get S more maps after the instance
 attention: map 1 + s is scale s's score (CS-MIL's Fig. 3 paints each scale min-max normalised:
 ``normalisation: minmax``). Methods that score other tile sets (HAG-MIL's quadtree levels) return
-them as ``extras["maps"]``: a list of ``{name, attention (B, n), mask (B, n), coords (B, n, 2),
-extent}`` (extent: the tiles' side in level-0 px); each becomes a map of its own, named
+them as ``MILOutput.tile_maps`` (:class:`~wsi_lightning.methods.base.TileMap`: name, attention
+(B, n), mask (B, n), coords (B, n, 2), extent, the tiles' side in level-0 px); each becomes a map of its own, named
 ``<slide_id>_<name>_heatmap.png`` and ``map = <name>`` in the CSV. Images need
 the slide files (manifest ``path`` and ``mpp``) and the feature store's tile geometry; without
 them (features imported without slides) the images are skipped with one warning and the CSV
@@ -43,6 +43,7 @@ import torch.distributed as dist
 from wsi_lightning import viz
 from wsi_lightning.errors import ArgumentError, WSIError
 from wsi_lightning.ids import safe_slide_id
+from wsi_lightning.methods.base import TileMap
 from wsi_lightning.registry import CALLBACKS
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class AttentionLogger(L.Callback):
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         out = getattr(pl_module, "last_output", None)
         att = getattr(out, "attention", None)
-        maps = (getattr(out, "extras", None) or {}).get("maps")
+        maps = getattr(out, "tile_maps", None)
         if maps:
             self._keep_maps(batch, maps)
             return
@@ -168,7 +169,7 @@ class AttentionLogger(L.Callback):
                             "match the batch (expected (B, N) or (B, H, N) with a Bag's mask); "
                             "skipped", tuple(att.shape))
             return
-        cross = (getattr(out, "extras", None) or {}).get("cross_scale")  # CS-MIL: (B, N, S)
+        cross = getattr(out, "cross_scale", None)  # CS-MIL: (B, N, S)
         if cross is not None and cross.shape[:2] == att.shape[::2]:
             att = torch.cat([att, cross.detach().float().transpose(1, 2)], 1)  # (B, 1 + S, N)
         att = att.detach().float().cpu().numpy()
@@ -177,14 +178,14 @@ class AttentionLogger(L.Callback):
             self._slides.append({"slide_id": str(sid), "attention": att[b][:, mask[b]],  # (H, n)
                                  "coords": coords[b][mask[b]].astype(np.int64)})  # (n, 2)
 
-    def _keep_maps(self, batch: Any, maps: list[dict[str, Any]]) -> None:
-        """Named tile sets of their own geometry (``extras["maps"]``), one entry per slide and map."""
+    def _keep_maps(self, batch: Any, maps: list[TileMap]) -> None:
+        """Named tile sets of their own geometry (``MILOutput.tile_maps``), one entry per slide and map."""
         for m in maps:
-            att = m["attention"].detach().float().cpu().numpy()  # (B, n)
-            mask = m["mask"].cpu().numpy().astype(bool)
-            coords = m["coords"].cpu().numpy()
+            att = m.attention.detach().float().cpu().numpy()  # (B, n)
+            mask = m.mask.cpu().numpy().astype(bool)
+            coords = m.coords.cpu().numpy()
             for b, sid in enumerate(batch.slide_ids):
-                self._slides.append({"slide_id": str(sid), "map": str(m["name"]), "extent": int(m["extent"]),
+                self._slides.append({"slide_id": str(sid), "map": str(m.name), "extent": int(m.extent),
                                      "attention": att[b][mask[b]][None], "coords": coords[b][mask[b]].astype(np.int64)})
 
     def _gather(self, trainer: L.Trainer) -> list[dict[str, Any]]:

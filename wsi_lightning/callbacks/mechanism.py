@@ -3,14 +3,14 @@
 After every test batch the callback measures what applies to the method's ``MILOutput``
 (see :mod:`wsi_lightning.mechanism` for the definitions) on each slide of the batch:
 
-    roi            ``extras["roi_tree"]`` (MagNets): lesion share of the ROIs per depth, and the
+    roi            ``MILOutput.roi_tree`` (MagNets): lesion share of the ROIs per depth, and the
                    chance level (lesion / tissue area, the tissue segmented on the slide's
                    thumbnail, read from the batch's ``paths`` or the manifest)
-    recall         ``extras["maps"]`` with ``index`` per level, plus ``Bag.levels`` (HAG-MIL):
+    recall         ``MILOutput.tile_maps`` with ``index`` per level, plus ``Bag.levels`` (HAG-MIL):
                    the cascade's recall of lesion tiles per level, tiles scored
-    cross_scale    ``extras["cross_scale"]`` (B, N, S) (CS-MIL): weights in vs outside lesions
+    cross_scale    ``MILOutput.cross_scale`` (B, N, S) (CS-MIL): weights in vs outside lesions
     localisation   ``attention`` (B, N) (or map ``attention_map`` of (B, H, N)), else
-                   ``extras["tile_scores"]`` (CHOWDER): localisation AUCs
+                   ``MILOutput.tile_scores`` (CHOWDER): localisation AUCs
 
 Families a method's output lacks are skipped silently. Lesions come from the datamodule's
 manifest (column ``annotation`` or ``<manifest folder>/annotations/<slide_id>.geojson``); rows
@@ -151,14 +151,13 @@ class Mechanism(L.Callback):
 
     def _applicable(self, out: Any, batch: Any) -> dict[str, Any]:
         """{family: measuring function} for the families this output and batch allow."""
-        extras = getattr(out, "extras", None) or {}
         mask = getattr(batch, "mask", None)
         n = None if mask is None or getattr(batch, "coords", None) is None else mask.shape[1]  # tiles a row
-        tree, cross = extras.get("roi_tree"), extras.get("cross_scale")
-        levels, maps = getattr(batch, "levels", None), extras.get("maps")
+        tree, cross = getattr(out, "roi_tree", None), getattr(out, "cross_scale", None)
+        levels, maps = getattr(batch, "levels", None), getattr(out, "tile_maps", None)
         found = {
-            "roi": isinstance(tree, dict) and "frames" in tree,
-            "recall": bool(levels and maps and len(maps) == len(levels) and all("index" in m for m in maps)),
+            "roi": tree is not None,
+            "recall": bool(levels and maps and len(maps) == len(levels) and all(m.index is not None for m in maps)),
             "cross_scale": n is not None and cross is not None and cross.ndim == 3 and cross.shape[1] == n,
             "localisation": n is not None and self._scores(out, n) is not None,
         }
@@ -170,7 +169,7 @@ class Mechanism(L.Callback):
         """(B, N) tile scores: attention (map ``attention_map`` of (B, H, N)), else tile_scores."""
         att = getattr(out, "attention", None)
         if att is None:
-            att = (getattr(out, "extras", None) or {}).get("tile_scores")
+            att = getattr(out, "tile_scores", None)
         if att is None or att.shape[-1] != n or att.ndim not in (2, 3):
             return None
         if att.ndim == 3:
@@ -255,17 +254,17 @@ class Mechanism(L.Callback):
         return mech.attention_record(scores, gt)
 
     def _cross_scale(self, trainer, out, batch, idx, sid, lesions) -> dict[str, Any]:
-        xy, weights = self._tiles(batch, idx, out.extras["cross_scale"])  # (n, 2), (n, S)
+        xy, weights = self._tiles(batch, idx, out.cross_scale)  # (n, 2), (n, S)
         gt = self._labels(trainer, sid, xy, lesions)
         return {} if gt is None else mech.cross_scale_record(weights, gt)
 
     def _recall(self, trainer, out, batch, idx, sid, lesions) -> dict[str, Any]:
         b = idx[0]
         coords, scored = [], []
-        for lv, m in zip(batch.levels, out.extras["maps"], strict=True):
+        for lv, m in zip(batch.levels, out.tile_maps, strict=True):
             valid = lv.mask[b].cpu().numpy().astype(bool)  # (N_l,) padded rows of the level
             coords.append(lv.coords[b].cpu().numpy()[valid])  # (n_l, 2)
-            index = m["index"][b].cpu().numpy()
+            index = m.index[b].cpu().numpy()
             index = index[index >= 0]
             scored.append((np.cumsum(valid) - 1)[index[valid[index]]])  # padded row -> valid row
         extents = [float(lv.extent) for lv in batch.levels]
@@ -273,7 +272,7 @@ class Mechanism(L.Callback):
 
     def _roi(self, trainer, out, batch, idx, sid, lesions) -> dict[str, Any]:
         b = idx[0]
-        frames = [f[b].double().cpu().numpy() for f in out.extras["roi_tree"]["frames"]]  # (N_d, 4)
+        frames = [f[b].double().cpu().numpy() for f in out.roi_tree.frames]  # (N_d, 4)
         rec: dict[str, Any] = mech.roi_record(frames, lesions, self.grid)
         if lesions:
             rec |= self._chance(trainer, batch, b, sid, lesions)

@@ -10,7 +10,7 @@ auxiliaries get its gradient, and through the sampled crops so do the magnifying
 
 Listing ``{name: paradoxical_loss}`` in an experiment's ``callbacks:`` switches it on (dropping
 it is Table 1's "without L1"). The callback needs a method that accepts extra loss terms
-(``MILModule.register_loss(name, fn)``; ``auxiliary_outputs`` methods, e.g. ``magnet``) and whose ``MILOutput.extras["aux_logits"]``
+(``MILModule.register_loss(name, fn)``; ``auxiliary_outputs`` methods, e.g. ``magnet``) and whose ``MILOutput.aux_logits``
 holds ``{head name: {target: (B, C) logits}}``. The weighted term joins the step's loss as
 ``loss_paradoxical`` (epoch means ``{stage}/loss_paradoxical``), and its unweighted value is
 logged at every training step as ``train/l1_paradoxical`` (written by the loggers every
@@ -60,7 +60,7 @@ class ParadoxicalLoss(L.Callback):
 
     Args:
         weight: multiplier of L1 in the loss (the paper's total is unweighted: 1).
-        coarse: ``extras["aux_logits"]`` key of the coarse classifier (``layer1``).
+        coarse: ``MILOutput.aux_logits`` key of the coarse classifier (``layer1``).
         fine: key of the fine classifier (``layer3``).
     """
 
@@ -85,7 +85,7 @@ class ParadoxicalLoss(L.Callback):
                                 "method that has them (magnet) or drop it from callbacks")
 
         def loss(out: Any, batch: Any) -> torch.Tensor:
-            aux = (getattr(out, "extras", None) or {}).get("aux_logits") or {}
+            aux = getattr(out, "aux_logits", None) or {}
             missing = [k for k in (self.coarse, self.fine) if k not in aux]
             if missing:
                 raise ArgumentError(f"paradoxical_loss: the method's outputs have no auxiliary "

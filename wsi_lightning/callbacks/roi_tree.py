@@ -1,6 +1,6 @@
 """The ROI tree of a magnifying network over each test slide (MagNets' Figure 5 style).
 
-For methods whose ``MILOutput.extras["roi_tree"]`` describes a tree of regions (``magnet``):
+For methods whose ``MILOutput.roi_tree`` describes a tree of regions (``magnet``):
 
     frames   [(B, N_d, 4)] level-0 square frames ``(x0, y0, x1, y1)`` per depth d = 0..L
              (depth 0: the slide padded to a square; node k's children are ``k·P + p``)
@@ -13,7 +13,7 @@ rank 0 writes, after testing, under ``<run folder>/<out_dir>/``:
     rois.csv             slide_id, node, depth, x0, y0, x1, y1, s, tx, ty, level: every node
     <slide_id>.png       the thumbnail with every ROI outlined in its depth's colour and named by
                          its path in the tree ("2.1.3": layer-1 child 2, its child 1, ...), next to
-                         the leaves the classifier saw (``extras["leaves"]``), with their names;
+                         the leaves the classifier saw (``RoiTree.leaves``), with their names;
                          annotated lesions (GeoJSON, as the attention logger finds them) in black
 
 and sends the figures to an attached W&B logger. Slides are opened from the batch's ``paths``.
@@ -86,22 +86,21 @@ class ROITree(L.Callback):
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        extras = getattr(getattr(pl_module, "last_output", None), "extras", None) or {}
-        tree = extras.get("roi_tree")
+        tree = getattr(getattr(pl_module, "last_output", None), "roi_tree", None)
         if tree is None:
             if not self._warned and trainer.is_global_zero:
-                log.warning("roi_tree: %s gives no extras['roi_tree']; no ROI figures are written",
+                log.warning("roi_tree: %s gives no MILOutput.roi_tree; no ROI figures are written",
                             type(pl_module).__name__)
             self._warned = True
             return
-        leaves = extras.get("leaves")
+        leaves = tree.leaves
         paths, mpp = getattr(batch, "paths", None), getattr(batch, "mpp", None)
         for b, sid in enumerate(batch.slide_ids):
             self._slides.append({
-                "slide_id": str(sid), "patches": tuple(tree["patches"]),
-                "frames": [f[b].double().cpu().numpy() for f in tree["frames"]],  # (N_d, 4) each
-                "theta": [t[b].double().cpu().numpy() for t in tree["theta"]],  # (N_d, 3), d >= 1
-                "levels": [lv[b].cpu().numpy() for lv in tree["levels"]],  # (N_d,), d < L
+                "slide_id": str(sid), "patches": tuple(tree.patches),
+                "frames": [f[b].double().cpu().numpy() for f in tree.frames],  # (N_d, 4) each
+                "theta": [t[b].double().cpu().numpy() for t in tree.theta],  # (N_d, 3), d >= 1
+                "levels": [lv[b].cpu().numpy() for lv in tree.levels],  # (N_d,), d < L
                 "leaves": None if leaves is None else
                 (leaves[b].float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8),
                 "path": None if paths is None else str(paths[b]),

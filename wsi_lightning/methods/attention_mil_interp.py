@@ -68,8 +68,7 @@ class AttentionMILInterpNet(nn.Module):
     def forward(self, bag: Bag) -> MILOutput:
         s = self.tile_scores(bag.features, bag.mask)  # (B, N)
         desc, _ = self.aggregate(s, bag.features, bag.mask)  # (B, D)
-        return MILOutput(logits=self.classify(desc), attention=s,
-                         extras={"tile_scores": s, "descriptor": desc})
+        return MILOutput(logits=self.classify(desc), attention=s, tile_scores=s, extras={"descriptor": desc})
 
 
 @METHODS.register("attention_mil_interp")

@@ -32,20 +32,82 @@ INJECTED = ("in_dim", "num_classes")
 
 
 @dataclass
+class TileMap:
+    """Scores over a tile set with its own geometry (e.g. one HAG-MIL level), for heat-maps
+    and the cascade's lesion recall.
+
+    Attributes:
+        name: the map's name in file names (``level0``).
+        attention: (B, n) the scores.
+        mask: (B, n) bool, the valid rows.
+        coords: (B, n, 2) level-0 top-left corners of the tiles.
+        extent: tile side in level-0 pixels.
+        index: (B, n) each row's tile in ``Bag.levels[l]`` (-1 pad), when the map scores a
+            subset of a level (HAG-MIL's top-``t_patch`` children); None otherwise.
+    """
+
+    name: str
+    attention: torch.Tensor
+    mask: torch.Tensor
+    coords: torch.Tensor
+    extent: float
+    index: torch.Tensor | None = None
+
+
+@dataclass
+class RoiTree:
+    """The regions a zooming method (MagNets) looked at, depth 0 (the slide image) to L (the
+    leaves), in level-0 pixels of the slide.
+
+    Attributes:
+        frames: per depth d, (B, N_d, 4) boxes ``x0, y0, x1, y1``.
+        patches: children per parent at each layer (N_d = prod(patches[:d])).
+        theta: per depth d >= 1, (B, N_d, 3) the (scale, tx, ty) that placed each box.
+        levels: per depth d < L, (B, N_d) the pyramid level the region was read from.
+        scale: per layer, the learned scales.
+        pixels: {"processed", "sources", "read"} values touched per slide.
+        leaves: (B, N_L, 3, s, s) the leaf crops the classifier saw, or None.
+    """
+
+    frames: list[torch.Tensor]
+    patches: tuple[int, ...]
+    theta: list[torch.Tensor] = field(default_factory=list)
+    levels: list[torch.Tensor] = field(default_factory=list)
+    scale: list[torch.Tensor] = field(default_factory=list)
+    pixels: dict[str, Any] = field(default_factory=dict)
+    leaves: torch.Tensor | None = None
+
+
+@dataclass
 class MILOutput:
-    """What every method returns.
+    """What every method returns. Callbacks read only the typed fields; ``extras`` is for
+    method-internal values (embeddings, per-head weights) and tests.
 
     Attributes:
         logits: {target: (B, C_t)} unnormalised class scores.
         attention: (B, N) per-instance weights summing to 1 over valid instances (or
             (B, H, N) for H attention maps), None when the method has no attention.
         aux_losses: named extra losses, already weighted; added to the task loss.
-        extras: anything else a callback may want (instance scores, embeddings...).
+        tile_scores: (B, N) per-tile scores of methods without attention (CHOWDER's s_i),
+            used for heat-maps and localisation when ``attention`` is None.
+        cross_scale: (B, N, S) per-tile, per-scale weights (CS-MIL).
+        tile_maps: score maps over tile sets of their own geometry (HAG-MIL's levels).
+        roi_tree: the regions a zooming method looked at (MagNets).
+        aux_logits: {head: {target: (B, C_t)}} auxiliary classifiers' outputs (MagNets'
+            per-layer classifiers; the paradoxical-loss callback compares them).
+        stats: per-batch scalars the module logs (pixels per slide, mean scales).
+        extras: anything else (instance logits, embeddings...).
     """
 
     logits: dict[str, torch.Tensor]
     attention: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    tile_scores: torch.Tensor | None = None
+    cross_scale: torch.Tensor | None = None
+    tile_maps: list[TileMap] = field(default_factory=list)
+    roi_tree: RoiTree | None = None
+    aux_logits: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -140,7 +202,7 @@ class MILModule(L.LightningModule):
     Net: ClassVar[type[nn.Module]]
     input_kind: ClassVar[str] = "bag"  # the data it takes: bag | multiscale | quadtree | patches | slide
     find_unused_parameters: ClassVar[bool] = False  # a backward that skips parameters (DDP must know)
-    auxiliary_outputs: ClassVar[bool] = False  # extras["aux_logits"]: auxiliary classifiers (MagNets)
+    auxiliary_outputs: ClassVar[bool] = False  # MILOutput.aux_logits: auxiliary classifiers (MagNets)
     # and Lightning's own ``automatic_optimization`` (False: the method steps its optimisers)
 
     def __init__(
@@ -225,6 +287,8 @@ class MILModule(L.LightningModule):
         for k, v in terms.items():
             self.log_mean(f"{stage}/{k}", v, bs)
         self.log_mean(f"{stage}/loss", loss, bs, prog_bar=True)
+        for k, v in out.stats.items():
+            self.log_mean(f"{stage}/{k}", v, bs)
         probs = {t: out.logits[t].detach().float().softmax(-1) for t in self.targets}
         ids, labels = bag.slide_ids, bag.labels
         if len(set(ids)) < len(ids):  # several bags of one slide (test-time bag sampling): average

@@ -104,9 +104,8 @@ class ChowderNet(nn.Module):
         desc, index = self.aggregate(s, bag.features, bag.mask)  # (B, 2R)
         first = self.scorer if isinstance(self.scorer, nn.Linear) else self.scorer[0]
         aux = {"l2_scorer": self.scorer_l2 * first.weight.pow(2).sum()} if self.scorer_l2 else {}
-        return MILOutput(logits=self.classify(desc), aux_losses=aux,
-                         extras={"tile_scores": s.masked_fill(~bag.mask, 0.0), "descriptor": desc,
-                                 "descriptor_tiles": index})
+        return MILOutput(logits=self.classify(desc), aux_losses=aux, tile_scores=s.masked_fill(~bag.mask, 0.0),
+                         extras={"descriptor": desc, "descriptor_tiles": index})
 
 
 @METHODS.register("chowder")

@@ -71,7 +71,7 @@ class CSMILNet(nn.Module):
         fused = torch.einsum("bns,bnse->bne", r, f)  # (B, N, 64)
         z, a = self.pool(fused, bag.mask)  # (B, 1, 64), (B, 1, N)
         return MILOutput(logits=self.head(z[:, 0]), attention=a[:, 0],
-                         extras={"cross_scale": r.masked_fill(~bag.mask[..., None], 0.0)})
+                         cross_scale=r.masked_fill(~bag.mask[..., None], 0.0))
 
 
 @METHODS.register("cs_mil")

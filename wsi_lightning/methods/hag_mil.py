@@ -30,7 +30,7 @@ Deviations from paper (and from its code):
       ``train/loss`` is the sum of the levels' losses.
     - The finest level's attention is returned over all of its tiles (0 for tiles the cascade
       did not select), and every level's attention over its scored tiles is in
-      ``extras["maps"]`` (level-0 coordinates), so the attention logger draws a heat-map per
+      ``MILOutput.tile_maps`` (level-0 coordinates), so the attention logger draws a heat-map per
       level; each map's ``index`` ((B, n) int64, -1 at padding) gives the scored tiles' rows in
       ``bag.levels[l]``, from which the ``mechanism`` callback measures the cascade's recall of
       lesion tiles.
@@ -46,7 +46,7 @@ from torch import nn
 
 from wsi_lightning.data.batch import Bag
 from wsi_lightning.errors import ConfigError
-from wsi_lightning.methods.base import MILModule, MILOutput
+from wsi_lightning.methods.base import MILModule, MILOutput, TileMap
 from wsi_lightning.nn.iat import IATModel
 from wsi_lightning.registry import METHODS
 
@@ -192,10 +192,9 @@ class HAGMILNet(nn.Module):
             for lvl, res in enumerate(results[:-1]):
                 for k, v in res["terms"].items():
                     aux[f"level{lvl}_{k}"] = v
-        maps = [{"name": f"level{lvl}", "attention": r["attention"].detach(), "mask": r["mask"],
-                 "coords": r["coords"], "extent": bag.levels[lvl].extent, "index": r["index"]}
-                for lvl, r in enumerate(results)]  # index: (B, n) scored tiles' rows in the level, -1 pad
-        return MILOutput(last["logits"], full, aux, {"maps": maps})
+        maps = [TileMap(f"level{lvl}", r["attention"].detach(), r["mask"], r["coords"], bag.levels[lvl].extent,
+                        r["index"]) for lvl, r in enumerate(results)]  # index: (B, n) rows in the level, -1 pad
+        return MILOutput(last["logits"], full, aux, tile_maps=maps)
 
 
 @METHODS.register("hag_mil")

@@ -3,7 +3,7 @@
 Deviations from paper:
     - None: a baseline. Instance scores are per-class logits; the bag logit of each class is
       the maximum over valid instances. The per-instance scores of the first target are
-      returned in ``extras["instance_logits"]`` (B, N, C) for heat-maps.
+      returned in ``extras["instance_logits"]`` (B, N, C) for inspection.
 """
 
 from __future__ import annotations

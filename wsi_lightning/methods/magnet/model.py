@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +66,7 @@ from wsi_lightning.data.sampling import (
 )
 from wsi_lightning.errors import ConfigError
 from wsi_lightning.features.backbones import Backbone, build_backbone
-from wsi_lightning.methods.base import MILModule, MILOutput
+from wsi_lightning.methods.base import MILModule, MILOutput, RoiTree
 from wsi_lightning.methods.magnet.magnify import (
     MagnifyingLayer,
     child_frames,
@@ -188,7 +187,7 @@ class MagNetNet(nn.Module):
             px.append(torch.from_numpy(n))
         return torch.stack(images).to(batch.images.device), torch.stack(levels), torch.stack(px)
 
-    def magnify(self, batch: SlideBatch) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    def magnify(self, batch: SlideBatch) -> tuple[list[torch.Tensor], RoiTree]:
         """Run the tree. Returns the children of every layer [(B, N_out(l), 3, o, o)] and the ROI
         tree (level-0 frames, crops in slide coordinates, read levels, pixel counts)."""
         if batch.images.shape[-1] != self.in_size:
@@ -203,8 +202,7 @@ class MagNetNet(nn.Module):
         images = torch.stack([dihedral_tensor(im, *a) for im, a in zip(batch.images, batch.aug.tolist(),
                                                                         strict=True)])[:, None]
         sources, lv, px = self._read(batch, frames, contents, self.source_sizes[0])
-        tree: dict[str, Any] = {"frames": [frames], "theta": [], "levels": [lv], "scale": [],
-                                "patches": self.patches}
+        tree = RoiTree([frames], tuple(self.patches), levels=[lv])
         outputs, n_px, n_src, n_read = [], images[0].numel(), sources[0].numel(), px.sum(1)
         for i, layer in enumerate(self.layers):
             out = layer(images, sources)  # patches (B, N, P, 3, o, o), theta (B, N, P, 3)
@@ -213,21 +211,21 @@ class MagNetNet(nn.Module):
             kids = child_frames(frames, torch.cat([theta[..., :1], t], -1))  # (B, N, P, 4)
             contents = clip_boxes(kids, contents[:, :, None]).flatten(1, 2)  # (B, N·P, 4)
             frames, images = kids.flatten(1, 2), out.patches.flatten(1, 2)  # (B, N·P, ...)
-            tree["frames"].append(frames)
-            tree["theta"].append(torch.cat([theta[..., :1], t], -1).flatten(1, 2))
-            tree["scale"].append(out.theta[:, :, int(layer.freeze_first):, 0].detach())
+            tree.frames.append(frames)
+            tree.theta.append(torch.cat([theta[..., :1], t], -1).flatten(1, 2))
+            tree.scale.append(out.theta[:, :, int(layer.freeze_first):, 0].detach())
             outputs.append(images)
             n_px += images[0].numel()  # the next layer's inputs, or the leaves
             if i + 1 < len(self.layers):
                 sources, lv, px = self._read(batch, frames, contents, self.source_sizes[i + 1])
-                tree["levels"].append(lv)
+                tree.levels.append(lv)
                 n_src, n_read = n_src + sources[0].numel(), n_read + px.sum(1)
-        tree["pixels"] = {"processed": n_px, "sources": n_src, "read": 3 * n_read.double()}  # values
+        tree.pixels = {"processed": n_px, "sources": n_src, "read": 3 * n_read.double()}  # values
         return outputs, tree
 
     def forward(self, batch: SlideBatch) -> MILOutput:
         """(B slides) -> MILOutput with logits {t: (B, C)}, aux losses ``loss_aux_layer{l}`` and
-        extras ``aux_logits`` {"layer{l}": {t: (B, C)}}, ``roi_tree``, ``leaves``, ``stats``."""
+        ``aux_logits`` {"layer{l}": {t: (B, C)}}, ``roi_tree`` (its leaves included) and ``stats``."""
         outputs, tree = self.magnify(batch)
         leaves = outputs[-1]  # (B, N_L, 3, leaf, leaf)
         b, n = leaves.shape[:2]
@@ -242,13 +240,13 @@ class MagNetNet(nn.Module):
                   if t in batch.labels and bool((batch.labels[t] >= 0).any())]
             if ce:
                 losses[f"loss_aux_{name}"] = self.aux_weight * torch.stack(ce).mean()
-        stats = {f"scale_layer{i + 1}": float(s.mean()) for i, s in enumerate(tree["scale"]) if s.numel()}
-        stats |= {f"level_depth{d}": float(lv.double().mean()) for d, lv in enumerate(tree["levels"])}
-        pix = tree["pixels"]
+        stats = {f"scale_layer{i + 1}": float(s.mean()) for i, s in enumerate(tree.scale) if s.numel()}
+        stats |= {f"level_depth{d}": float(lv.double().mean()) for d, lv in enumerate(tree.levels)}
+        pix = tree.pixels
         stats |= {"pixels_per_slide": float(pix["processed"]), "source_pixels_per_slide": float(pix["sources"]),
                   "pyramid_pixels_per_slide": float(pix["read"].mean())}
-        return MILOutput(logits, None, losses, {"aux_logits": aux, "roi_tree": tree,
-                                                "leaves": leaves.detach(), "stats": stats})
+        tree.leaves = leaves.detach()
+        return MILOutput(logits, aux_losses=losses, aux_logits=aux, roi_tree=tree, stats=stats)
 
 
 @METHODS.register("magnet")
@@ -259,9 +257,3 @@ class MagNet(MILModule):
     Net = MagNetNet
     input_kind = "slide"
     auxiliary_outputs = True  # the layer-l classifiers (L2), what paradoxical_loss compares
-
-    def _shared_step(self, batch: SlideBatch, stage: str) -> torch.Tensor:
-        loss = super()._shared_step(batch, stage)
-        for k, v in self.last_output.extras["stats"].items():
-            self.log_mean(f"{stage}/{k}", v, len(batch))
-        return loss
