@@ -66,13 +66,10 @@ def store_path(cfg: DictConfig) -> Path:
     """``data.store``, or a folder named after the tiling and backbone so that settings never mix."""
     if cfg.data.store:
         return Path(cfg.data.store)
+    from wsi_lightning.features.layouts import layout_for
+
     t, f = cfg.tiling, cfg.features
-    key = f"{Path(str(f.backbone)).name}_{t.tile_size}px_{t.mpp}mpp"
-    if t.multiscale.mode == "concentric":
-        key += f"_{t.multiscale.mode}" + "-".join(f"{c:g}" for c in t.multiscale.context)
-    elif t.multiscale.mode == "quadtree":
-        mct = t.multiscale.min_child_tissue
-        key += f"_quadtree{t.multiscale.levels}" + ("" if mct is None else f"-child{mct:g}")
+    key = f"{Path(str(f.backbone)).name}_{t.tile_size}px_{t.mpp}mpp" + layout_for(to_dict(t)).store_suffix()
     base = demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root)
     return base / "features" / key
 

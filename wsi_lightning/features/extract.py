@@ -30,10 +30,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsi_lightning.errors import SlideError, StoreError, WSIError
+from wsi_lightning.features.layouts import LAYOUTS, StoreLayout, layout_for
 from wsi_lightning.features.store import FeatureStore
 from wsi_lightning.manifest import Manifest
 
 log = logging.getLogger(__name__)
+_PLAIN = StoreLayout({"tile_size": 1, "mpp": 1.0, "min_tissue": 0.0})  # reads a plan without a layout
 
 
 @dataclass
@@ -45,13 +47,20 @@ class TilePlan:
     mpp_override: float | None
     coords: np.ndarray  # (N, 2) int64
     attrs: dict[str, Any]
-    grid: Any = None  # ConcentricGrid / QuadtreeGrid for tiling.multiscale.mode concentric / quadtree
+    layout: StoreLayout | None = None  # how rows are read (None: plain tiles)
+    grid: Any = None  # the layout's ConcentricGrid / QuadtreeGrid (None for plain tiles)
     extra: dict[str, np.ndarray] | None = None  # per-row arrays for the store (quadtree level, parent)
+
+    def read(self, reader: Any, t: int) -> np.ndarray:
+        """Row ``t`` as uint8 pixels (see :meth:`StoreLayout.read`)."""
+        return (self.layout or _PLAIN).read(reader, self, t)
+
+    def blank_shape(self) -> tuple[int, ...]:
+        return (self.layout or _PLAIN).blank_shape(self)
 
 
 # ----------------------------------------------------------------------------- provenance
 _TILING_KEYS = ("tile_size", "mpp", "min_tissue", "thumb_mpp")
-_MULTISCALE_KEYS = {"none": (), "concentric": ("context",), "quadtree": ("levels", "min_child_tissue")}
 
 
 def expected_provenance(tiling: dict, features: dict, backbone: Any = None) -> dict[str, Any]:
@@ -78,8 +87,9 @@ def expected_provenance(tiling: dict, features: dict, backbone: Any = None) -> d
     t: dict[str, Any] = {k: tiling[k] for k in _TILING_KEYS if k in tiling}
     if "multiscale" in tiling:
         ms = tiling.get("multiscale") or {}
-        mode = ms.get("mode", "none")
-        t["multiscale"] = {"mode": mode, **{k: ms[k] for k in _MULTISCALE_KEYS.get(mode, ()) if k in ms}}
+        layout = LAYOUTS.get(str(ms.get("mode", "none")))
+        t["multiscale"] = ({"mode": ms.get("mode", "none")} if layout is None else
+                           {"mode": layout.mode, **{k: ms[k] for k in layout.keys if k in ms}})
     extraction: dict[str, Any] = {"weights": features.get("weights"), "tiling": t}
     if not features.get("weights"):
         extraction["pretrained"] = features.get("pretrained")
@@ -97,53 +107,35 @@ def _recorded_attrs(tiling: dict, features: dict, backbone: Any) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- tiling
-def quadtree_mpps(tiling: dict) -> tuple[float, ...]:
-    """Quadtree level mpps, coarsest first: ``tiling.mpp`` is the finest, each level up doubles."""
-    levels = int((tiling.get("multiscale") or {}).get("levels", 3))
-    if levels < 1:
-        raise WSIError(f"tiling.multiscale.levels={levels}; expected an integer >= 1")
-    return tuple(float(tiling["mpp"]) * 2 ** (levels - 1 - lvl) for lvl in range(levels))
-
-
 def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
     """Segment tissue and tile one slide (cached in ``tiles_dir/<slide_id>.npz``).
 
-    ``tiling.multiscale.mode`` chooses plain tiles, concentric windows (one row per location, S
-    scales) or a quadtree (one row per tile of every level, coarsest level first, with per-row
-    ``level`` and ``parent`` arrays). Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue
-    mask) for a person to check.
+    The store layout of ``tiling.multiscale.mode`` (:mod:`wsi_lightning.features.layouts`)
+    makes the rows: plain tiles, concentric windows (one row per location, S scales) or a
+    quadtree (one row per tile of every level, coarsest level first, with per-row ``level`` and
+    ``parent`` arrays). Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue mask) for a
+    person to check.
     """
     from wsi_lightning.slides import SlideReader, save_tissue_png, segment_tissue, tile_slide
-    from wsi_lightning.slides.multiscale import concentric_grid, grid_from_arrays, quadtree_grid
     from wsi_lightning.slides.tiling import tile_file, write_tile_file
     from wsi_lightning.slides.tissue import tissue_qc_path
 
     sid, path = str(row["slide_id"]), str(row["path"])
     mpp_override = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
-    ms = tiling.get("multiscale") or {"mode": "none"}
-    mode = ms.get("mode", "none")
-    context = tuple(float(c) for c in ms.get("context", ())) if mode == "concentric" else ()
-    qt = (quadtree_mpps(tiling), ms.get("min_child_tissue")) if mode == "quadtree" else ()
-    # v2: large holes kept
-    key = f"v2_{tiling['tile_size']}px_{tiling['mpp']}mpp_{tiling['min_tissue']}_{context}" + (f"_qt{qt}" if qt else "")
+    layout = layout_for(tiling)
+    key = layout.cache_key()
     cache, qc = tile_file(tiles_dir, sid), tissue_qc_path(tiles_dir, sid)  # the id is checked here
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if str(z["key"]) == key:
             attrs = {k: z[k].item() for k in ("mpp", "tile_size", "tile_size_um", "level", "extent_level0", "slide_mpp")}
-            ms_grid = grid_from_arrays({k[3:]: z[k] for k in z.files if k.startswith("ms_")}) if mode != "none" else None
-            return _plan(sid, path, mpp_override, z["coords"], attrs, ms_grid)
+            ms_grid = layout.grid_from_arrays({k[3:]: z[k] for k in z.files if k.startswith("ms_")})
+            return _plan(layout, sid, path, mpp_override, z["coords"], attrs, ms_grid)
     with SlideReader(path, mpp=mpp_override) as reader:
         tissue = segment_tissue(reader, thumb_mpp=float(tiling["thumb_mpp"]))
         save_tissue_png(tissue, qc)
-        size, min_tissue = int(tiling["tile_size"]), float(tiling["min_tissue"])
-        grid = tile_slide(reader, size, float(tiling["mpp"]), min_tissue=min_tissue, tissue=tissue)
-        ms_grid = None
-        if context:
-            ms_grid = concentric_grid(reader, size, float(tiling["mpp"]), context, min_tissue=min_tissue, tissue=tissue)
-        elif qt:
-            mct = None if qt[1] is None else float(qt[1])
-            ms_grid = quadtree_grid(reader, size, qt[0], min_tissue=min_tissue, tissue=tissue, min_child_tissue=mct)
+        grid = tile_slide(reader, layout.tile_size, layout.mpp, min_tissue=layout.min_tissue, tissue=tissue)
+        ms_grid = layout.grid(reader, tissue)
     if len(grid.coords) == 0:
         raise SlideError(
             f"slide {path}: no tile has >= {tiling['min_tissue']:.0%} tissue; check "
@@ -153,29 +145,14 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
              "level": grid.level, "extent_level0": grid.extent_level0, "slide_mpp": grid.slide_mpp}
     extra = {f"ms_{k}": v for k, v in ms_grid.to_arrays().items()} if ms_grid is not None else {}
     write_tile_file(tiles_dir, sid, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()}, **extra)
-    return _plan(sid, path, mpp_override, grid.coords, attrs, ms_grid)
+    return _plan(layout, sid, path, mpp_override, grid.coords, attrs, ms_grid)
 
 
-def _plan(sid: str, path: str, mpp_override: float | None, coords: np.ndarray, attrs: dict[str, Any],
-          grid: Any) -> TilePlan:
-    """The plan of one slide; multi-scale grids set the rows and the store attributes."""
-    from wsi_lightning.slides.multiscale import QuadtreeGrid
-
-    if grid is None:
-        return TilePlan(sid, path, mpp_override, coords, attrs)
-    if isinstance(grid, QuadtreeGrid):
-        rows, level, parent = grid.rows()
-        # the tile attributes describe the finest level (the bag a single-level method sees)
-        attrs = {**attrs, "mpp": grid.mpp[-1], "tile_size": grid.tile_size,
-                 "tile_size_um": grid.window_um[-1], "extent_level0": grid.extent_level0[-1],
-                 "multiscale": "quadtree", "level_sizes": list(grid.level_sizes),
-                 "level_mpp": list(grid.mpp), "level_extent_level0": list(grid.extent_level0),
-                 "level_window_um": list(grid.window_um)}
-        return TilePlan(sid, path, mpp_override, rows, attrs, grid, {"level": level, "parent": parent})
-    attrs = {**attrs, "scales": int(grid.n_scales), "context": [float(c) for c in grid.context],
-             "scale_mpp": [float(m) for m in grid.scale_mpp], "window_um": [float(w) for w in grid.window_um],
-             "multiscale": "concentric"}
-    return TilePlan(sid, path, mpp_override, coords, attrs, grid)
+def _plan(layout: StoreLayout, sid: str, path: str, mpp_override: float | None, coords: np.ndarray,
+          attrs: dict[str, Any], grid: Any) -> TilePlan:
+    """The plan of one slide; a multi-scale layout sets the rows and the store attributes."""
+    rows, attrs, extra = layout.plan_fields(coords, attrs, grid)
+    return TilePlan(sid, path, mpp_override, rows, attrs, layout, grid, extra)
 
 
 class ErrorReport:
@@ -254,23 +231,15 @@ class TileDataset(Dataset):
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         t = i - int(self.offsets[s])
         p = self.plans[s]
-        size = int(p.attrs["tile_size"])
         x, y = (int(v) for v in p.coords[t])
         try:
             reader = _slide_cache().get(p.path, mpp=p.mpp_override)
-            if p.extra is not None:  # quadtree row: (T, T, 3) at its level's mpp
-                img = p.grid.read_row(reader, t)
-            elif p.grid is not None:  # concentric windows: (S, T, T, 3)
-                img = p.grid.read(reader, t)
-            else:
-                img = reader.read_at_mpp((x, y), (size, size), float(p.attrs["mpp"]))  # (T, T, 3)
+            img = p.read(reader, t)  # (T, T, 3); concentric windows (S, T, T, 3)
             image = torch.from_numpy(np.ascontiguousarray(img)).movedim(-1, -3).float().div_(255)
             ok = True
         except Exception as e:  # noqa: BLE001 - recorded by the writer, named by slide
             log.error("slide %s: reading tile at (%d, %d) failed: %s", p.path, x, y, e)
-            scales = getattr(p.grid, "n_scales", None)
-            shape = (3, size, size) if scales is None else (scales, 3, size, size)
-            image, ok = torch.zeros(shape), False
+            image, ok = torch.zeros(p.blank_shape()), False
         return {"image": image, "slide": s, "tile": t, "ok": ok}
 
 
