@@ -148,7 +148,10 @@ def test_yaml_errors_and_python_tags_are_named_config_errors(tmp_path: Path, tex
     ("abmil", "method.name=cs_mil", "set tiling.multiscale.mode to one of ['concentric']"),
     ("abmil", "method.name=hag_mil", "set tiling.multiscale.mode to one of ['quadtree']"),
     ("cs_mil", "method.name=abmil", "needs data.multiscale.mode=select"),
-    ("hag_mil", "data.multiscale.mode=select", "needs data.multiscale.mode=stack"),
+    ("hag_mil", "data.quadtree.level=-1", r"reads every level; the config has data.quadtree.level=-1"),
+    ("hag_mil", "method.name=abmil", r"reads one level; set data.quadtree.level"),
+    ("hag_mil", "data.multiscale.mode=select", r"apply to concentric stores; on a quadtree store the view is data.quadtree.level"),
+    ("cs_mil", "data.quadtree.level=0", r"applies to quadtree stores"),
 ])
 def test_method_input_kind_and_data_config_must_agree_at_config_time(exp: str, override: str, fix: str):
     """A mismatched YAML used to fail inside forward, after the data work."""

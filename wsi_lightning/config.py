@@ -189,6 +189,7 @@ TYPES_ALLOWED: dict[str, tuple[type, ...]] = {
     "data.sampling.image_size": (int, list),  # one side, or several (slide mode)
     "data.sampling.patch_mpp": (int, float, type(None)),  # null: the slide's top resolution
     "data.multiscale.sampling.per_cluster": (int, type(None)),
+    "data.quadtree.level": (int, type(None)),
     "data.split.fold": (int, str, type(None)),
     "data.classes": (list, dict, type(None)),
     "tiling.multiscale.min_child_tissue": (int, float, type(None)),

@@ -194,6 +194,10 @@ class MultiScaleBagDataModule(BagDataModule):
 
     @classmethod
     def check_config(cls, cfg: Any, input_kind: str) -> None:
+        if cfg.data.quadtree.level is not None:
+            raise ConfigError(f"data.quadtree.level={cfg.data.quadtree.level} applies to quadtree stores; "
+                              "on a concentric store choose a scale with data.multiscale.mode=select "
+                              "data.multiscale.scale=S (0 = the finest)")
         mode = str(cfg.data.multiscale.mode)
         if (input_kind == "multiscale") != (mode == "stack"):
             want = ("stack (every scale)" if input_kind == "multiscale"

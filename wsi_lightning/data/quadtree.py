@@ -117,21 +117,25 @@ class QuadtreeBagDataModule(BagDataModule):
 
     @classmethod
     def check_config(cls, cfg: Any, input_kind: str) -> None:
-        mode = str(cfg.data.multiscale.mode)
-        if mode not in ("stack", "select"):
-            raise ConfigError(f"data.multiscale.mode={mode} with tiling.multiscale.mode=quadtree; "
-                              "expected stack (every level, for hierarchical methods) or select "
-                              "(the level data.multiscale.scale alone: 0 = coarsest, -1 = finest)")
-        if (input_kind == "quadtree") != (mode == "stack"):
-            want = "stack (every level)" if input_kind == "quadtree" else "select (one level, a plain bag)"
-            raise ConfigError(f"a method taking {input_kind} input on a quadtree store needs "
-                              f"data.multiscale.mode={want}; the config has {mode}")
+        ms = cfg.data.multiscale
+        if str(ms.mode) != "stack" or int(ms.scale) != 0:
+            raise ConfigError(f"data.multiscale.mode={ms.mode} / scale={ms.scale} apply to concentric stores; "
+                              "on a quadtree store the view is data.quadtree.level (null: every level, "
+                              "for hierarchical methods; an int: one level as a plain bag, 0 = coarsest, "
+                              "-1 = finest)")
+        level = cfg.data.quadtree.level
+        if input_kind == "quadtree" and level is not None:
+            raise ConfigError(f"a method taking quadtree input reads every level; the config has "
+                              f"data.quadtree.level={level}: set data.quadtree.level=null")
+        if input_kind != "quadtree" and level is None:
+            raise ConfigError(f"a method taking {input_kind} input on a quadtree store reads one level; "
+                              "set data.quadtree.level (0 = coarsest, -1 = finest)")
 
     @classmethod
     def from_config(cls, cfg: Any, manifest: Manifest, store: str | Path,
                     prepare: Callable[[], object] | None = None) -> QuadtreeBagDataModule:
-        level = int(cfg.data.multiscale.scale) if cfg.data.multiscale.mode == "select" else None
-        return cls(manifest, store, level=level, **cls.common_kwargs(cfg, prepare))
+        level = cfg.data.quadtree.level
+        return cls(manifest, store, level=None if level is None else int(level), **cls.common_kwargs(cfg, prepare))
 
     def __init__(self, *args, level: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -168,7 +168,7 @@ class HAGMILNet(nn.Module):
             have = "no levels" if bag.levels is None else f"{len(bag.levels)} levels"
             raise ConfigError(f"hag_mil needs quadtree bags with {self.n_levels} levels, got {have}; "
                               "set tiling.multiscale.mode=quadtree and tiling.multiscale.levels="
-                              f"{self.n_levels} (and data.multiscale.mode=stack)")
+                              f"{self.n_levels} (and data.quadtree.level=null)")
         results, index = [], None
         for lvl in range(self.n_levels):
             res = self.level(lvl, bag, index)
