@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from wsi_lightning.confusion import confusion_matrices, confusion_matrix, read_predictions
+from wsi_lightning.analysis.confusion import confusion_matrices, confusion_matrix, read_predictions
 
 
 @pytest.mark.parametrize("normalize", ["true", "pred", "all", "none"])

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from tests.conftest import feature_cfg_overrides
 from wsi_lightning import config, run
-from wsi_lightning.interpret import localisation_auc
+from wsi_lightning.analysis.interpret import localisation_auc
 from wsi_lightning.slides.annotations import Lesion, load_lesions, tile_labels
 
 PLANTED, DIM, TILE = 7, 16, 100

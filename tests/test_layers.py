@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("demo", ("demo",)),  # the synthetic data: slides + core only
     ("features", ("features",)),
     ("data", ("data",)),
-    ("analysis", ("metrics", "stats", "viz", "confusion", "mechanism", "interpret")),
+    ("analysis", ("analysis",)),  # statistics, figures, interpretation
     ("nn", ("nn",)),
     ("methods", ("methods",)),
     ("callbacks", ("callbacks",)),

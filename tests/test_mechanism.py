@@ -16,11 +16,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from tests.methods_helpers import CONTRACT_KWARGS
-from wsi_lightning import mechanism as mech
+from wsi_lightning.analysis import mechanism as mech
+from wsi_lightning.analysis.interpret import localisation_auc
 from wsi_lightning.callbacks.mechanism import Mechanism
 from wsi_lightning.data.batch import Bag, LevelSet
 from wsi_lightning.errors import ConfigError
-from wsi_lightning.interpret import localisation_auc
 from wsi_lightning.methods.base import MILOutput, RoiTree, TileMap
 from wsi_lightning.slides.annotations import Lesion
 from wsi_lightning.slides.multiscale import CHILD_OFFSETS

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
-from wsi_lightning.metrics import TaskMetrics
+from wsi_lightning.analysis.metrics import TaskMetrics
 
 
 @pytest.mark.parametrize("c", [2, 4])

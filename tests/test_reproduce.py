@@ -100,7 +100,7 @@ def test_unquoted_yaml_override_is_named(bag_data: Path, tmp_path: Path):
                                                          "datasets:\n  tiny:\n  - callbacks=[{name: mechanism}]\n")
     bad.write_text(text)
     assert isinstance(yaml.safe_load(text)["datasets"]["tiny"][0], dict)
-    with pytest.raises(ConfigError, match=r"datasets.tiny has override .*not a 'key=value' string; quote"):
+    with pytest.raises(ConfigError, match=r"datasets.tiny has override .*not a 'key=value' string .*; quote"):
         reproduce.load_spec(str(bad))
     spec = yaml.safe_load(_spec(tmp_path, bag_data).read_text())
     spec["rows"][1]["overrides"] = [{"callbacks=[{name": "mechanism}]"}]

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import norm, rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from wsi_lightning.stats import (
+from wsi_lightning.analysis.stats import (
     auc_ci,
     batched_ap,
     batched_auc,

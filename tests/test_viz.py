@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_lightning import viz
+from wsi_lightning.analysis import viz
 from wsi_lightning.slides.annotations import load_lesions
 
 

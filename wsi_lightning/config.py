@@ -119,12 +119,19 @@ def _merge(*cfgs: DictConfig) -> DictConfig:
     return out  # type: ignore[return-value]
 
 
+def check_override(item: Any, where: str = "") -> None:
+    """``item`` is a ``key=value`` string, else a ConfigError naming ``where`` it came from."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{where + ' has ' if where else ''}override {item!r}, which is not a 'key=value' "
+                          "string (e.g. trainer.max_epochs=5); quote overrides whose value holds YAML "
+                          "syntax, e.g. \"callbacks=[{name: mechanism}]\"")
+
+
 def parse_overrides(overrides: list[str] | None) -> DictConfig:
     """``["a.b=1", "c=x"]`` -> DictConfig; values parsed as YAML."""
     overrides = list(overrides or [])
     for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"override '{o}' must look like key=value (e.g. trainer.max_epochs=5)")
+        check_override(o)
     try:
         return OmegaConf.from_dotlist(overrides)
     except (OmegaConfBaseException, yaml.YAMLError) as e:

@@ -66,10 +66,7 @@ def load_spec(name: str) -> dict:
 
     def check_overrides(items: Any, where: str) -> None:
         for item in items or []:
-            if not isinstance(item, str) or "=" not in item:
-                raise ConfigError(
-                    f"table {path}: {where} has override {item!r}, which is not a 'key=value' string; "
-                    "quote overrides whose value holds YAML syntax, e.g. - \"callbacks=[{name: mechanism}]\"")
+            config.check_override(item, f"table {path}: {where}")
 
     for ds, items in spec["datasets"].items():
         check_overrides(items, f"datasets.{ds}")
@@ -257,7 +254,7 @@ def _num(v: float) -> str:
 def _comparison(spec: dict, collected: dict[str, list[dict]], path: Path) -> list[str]:
     """DeLong and paired-bootstrap tests of every row against ``compare_to`` (seed-averaged
     predictions on the same test slides), beside the paper's p-values (``paper_p``)."""
-    from wsi_lightning.stats import compare_to_reference
+    from wsi_lightning.analysis.stats import compare_to_reference
 
     ref = spec["compare_to"]
     preds = {}

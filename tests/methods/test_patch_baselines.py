@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import feature_cfg_overrides
 from wsi_lightning import build, config, run
-from wsi_lightning.confusion import read_predictions
+from wsi_lightning.analysis.confusion import read_predictions
 from wsi_lightning.methods.patch_baselines import PatchBaseline, PatchSVM, prediction_frame
 
 TAGS = {"stain": 3, "organ": 4}

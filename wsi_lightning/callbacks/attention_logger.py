@@ -24,7 +24,7 @@ the slide files (manifest ``path`` and ``mpp``) and the feature store's tile geo
 them (features imported without slides) the images are skipped with one warning and the CSV
 is still written. Lesion outlines come from a manifest column ``annotation`` (a GeoJSON path,
 relative to the manifest's folder) or ``<manifest folder>/annotations/<slide_id>.geojson``.
-See :mod:`wsi_lightning.viz` for the normalisations.
+See :mod:`wsi_lightning.analysis.viz` for the normalisations.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from wsi_lightning import viz
+from wsi_lightning.analysis import viz
 from wsi_lightning.errors import ArgumentError, WSIError
 from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.methods.base import TileMap
@@ -80,7 +80,7 @@ class AttentionLogger(L.Callback):
 
     Args:
         normalisation: how heat-map values are normalised per slide: ``raw | softmax |
-            minmax | percentile`` (see :mod:`wsi_lightning.viz`).
+            minmax | percentile`` (see :mod:`wsi_lightning.analysis.viz`).
         top_k: most attended tiles in the ``_topk.png`` montage (0: no montage).
         bottom_k: least attended tiles in the ``_bottomk.png`` montage (0: no montage).
         max_slides: render images for at most this many test slides (sorted by id); null

@@ -2,7 +2,7 @@
 
 At the end of testing, rank 0 reads the ``test_predictions.csv`` MILModule wrote (in the
 module's ``predictions_dir``, else the run folder), writes ``<run folder>/<out_dir>/
-confusion_<tag>.png`` with :func:`wsi_lightning.confusion.confusion_matrices`, keeps the
+confusion_<tag>.png`` with :func:`wsi_lightning.analysis.confusion.confusion_matrices`, keeps the
 matrices in ``callback.matrices`` and sends the images to an attached W&B logger.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
-from wsi_lightning.confusion import NORMALIZE, PNG_NAME, confusion_matrices
+from wsi_lightning.analysis.confusion import NORMALIZE, PNG_NAME, confusion_matrices
 from wsi_lightning.errors import ArgumentError
 from wsi_lightning.registry import CALLBACKS
 

@@ -5,7 +5,7 @@ Outputs in ``<run>/attribution/``:
     selected.csv       Q1 descriptor positions K_c and Q2 features k_c per class, with scores
                        (and each positive-class feature's orientation, +1 / -1)
     localisation.csv   localisation AUC of the feature-based heat-map (the paper's, and the
-                       oriented one: see wsi_lightning.interpret) and of the tile scores, over
+                       oriented one: see wsi_lightning.analysis.interpret) and of the tile scores, over
                        all test slides and over tumour slides only
     tiles.csv          per tile: slide, coords, ground truth, H, H_oriented, tile score
     heatmaps/<slide>.png    oriented H over the slide thumbnail, lesion outlines drawn
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_lightning import interpret as ip
+from wsi_lightning.analysis import interpret as ip
 from wsi_lightning.errors import ArgumentError
 from wsi_lightning.registry import CALLBACKS
 from wsi_lightning.slides.annotations import TILE_RULES, find_annotation, load_lesions, tile_labels
@@ -38,7 +38,7 @@ class FeatureAttribution(L.Callback):
         positive_class: the lesion class (heat-maps, localisation); default the last class name.
         top_positions: L, descriptor positions kept per class (Q1).
         top_features: l, tile features kept per class (Q2).
-        gradient: ``grad_x_input`` or ``grad`` (see ``wsi_lightning.interpret``).
+        gradient: ``grad_x_input`` or ``grad`` (see ``wsi_lightning.analysis.interpret``).
         tile_selection: ``auto | extremes | contribution | attention``.
         tiles_per_slide: tiles per slide for contribution / attention selection.
         tile_rule: tile ground truth: ``centre`` (tile centre in a lesion) or ``overlap``.
@@ -180,7 +180,7 @@ def _ground_truth(dm: Any, evals: list[ip.SlideEval], pos: int, rule: str, min_o
 def _render(dm: Any, evals: list[ip.SlideEval], heat: list[np.ndarray], features: np.ndarray,
             out: Path, max_heatmaps: int | None, montage_tiles: int) -> None:
     """Heat-map PNGs over thumbnails and per-feature montages; skipped without slide files."""
-    from wsi_lightning import viz
+    from wsi_lightning.analysis import viz
 
     df = dm.manifest.df.set_index("slide_id", drop=False)
     if not all(Path(df.loc[e.slide_id, "path"]).exists() for e in evals):

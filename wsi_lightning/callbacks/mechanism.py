@@ -1,7 +1,7 @@
 """Mechanism metrics at test time: does each method look at the annotated lesions?
 
 After every test batch the callback measures what applies to the method's ``MILOutput``
-(see :mod:`wsi_lightning.mechanism` for the definitions) on each slide of the batch:
+(see :mod:`wsi_lightning.analysis.mechanism` for the definitions) on each slide of the batch:
 
     roi            ``MILOutput.roi_tree`` (MagNets): lesion share of the ROIs per depth, and the
                    chance level (lesion / tissue area, the tissue segmented on the slide's
@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from wsi_lightning import mechanism as mech
+from wsi_lightning.analysis import mechanism as mech
 from wsi_lightning.errors import ArgumentError, WSIError
 from wsi_lightning.registry import CALLBACKS
 from wsi_lightning.slides.annotations import (

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch.distributed as dist
 
-from wsi_lightning import viz
+from wsi_lightning.analysis import viz
 from wsi_lightning.errors import ArgumentError, WSIError
 from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.registry import CALLBACKS

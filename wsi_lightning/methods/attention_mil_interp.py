@@ -49,7 +49,7 @@ class AttentionMILInterpNet(nn.Module):
 
     normalised_scores = True  # tile_scores = softmax over the slide of tile_logits
 
-    # piece-wise interface used by wsi_lightning.interpret (feature attribution)
+    # piece-wise interface used by wsi_lightning.analysis.interpret (feature attribution)
     def tile_logits(self, d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N) attention logits (each from its own tile)."""
         return self.attention(d).squeeze(-1)

@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from wsi_lightning.analysis.metrics import TaskMetrics
 from wsi_lightning.data.batch import Bag
-from wsi_lightning.metrics import TaskMetrics
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ class ChowderNet(nn.Module):
         self.mlp = decision_mlp(2 * r, tuple(mlp_hidden), "sigmoid", dropout)
         self.head = MultiHead(tuple(mlp_hidden)[-1], num_classes)
 
-    # piece-wise interface used by wsi_lightning.interpret (feature attribution)
+    # piece-wise interface used by wsi_lightning.analysis.interpret (feature attribution)
     def tile_logits(self, d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N) scores s_ij (CHOWDER's scores are not normalised)."""
         return self.scorer(d).squeeze(-1)

@@ -23,7 +23,7 @@ API::
 
 Items are what ``BagDataset[i]`` returns: ``{"features": (N, D), "labels": {tag: int},
 "slide_id": str}``. ``evaluate`` writes ``{val,test}_predictions.csv`` in MILModule's format (so
-:mod:`wsi_lightning.confusion` and the tables read them) and returns the same metric keys
+:mod:`wsi_lightning.analysis.confusion` and the tables read them) and returns the same metric keys
 (``test/f1_macro``, ``test/<tag>/f1_micro``...).
 
 Deviations from paper:
@@ -215,7 +215,7 @@ def evaluate(estimator: PatchBaseline, datamodule: Any, run_dir: str | Path, con
     """
     import torch
 
-    from wsi_lightning.metrics import TaskMetrics
+    from wsi_lightning.analysis.metrics import TaskMetrics
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,7 @@ def evaluate(estimator: PatchBaseline, datamodule: Any, run_dir: str | Path, con
                   {t: torch.from_numpy(y) for t, y in labels.items()})
         metrics.update({k: float(v) for k, v in tm.compute(stage).items()})
     if confusion and (run_dir / "test_predictions.csv").exists():
-        from wsi_lightning.confusion import confusion_matrices
+        from wsi_lightning.analysis.confusion import confusion_matrices
 
         confusion_matrices(run_dir / "test_predictions.csv", run_dir, class_names=datamodule.class_names)
     return metrics

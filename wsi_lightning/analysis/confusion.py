@@ -77,7 +77,7 @@ def plot_confusion(matrix: np.ndarray, names: list[str], title: str, path: str |
     (C,) slide counts per true class are added to the row names."""
     from matplotlib.figure import Figure
 
-    from wsi_lightning.viz import save_figure
+    from wsi_lightning.analysis.viz import save_figure
 
     c = len(names)
     size = max(4.0, 0.55 * c + 2.5)
