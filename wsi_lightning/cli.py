@@ -91,6 +91,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backbones(args: argparse.Namespace) -> int:
+    """The backbone presets: output dim, input, licence, gated or not, model card."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from wsi_lightning.features.backbones import build_backbone
+    from wsi_lightning.features.foundation import FOUNDATION_MODELS, NOT_PRESETS
+    from wsi_lightning.registry import BACKBONES
+
+    t = Table(title="features.backbone presets")
+    for col in ("name", "dim", "input", "licence", "gated", "model card / notes"):
+        t.add_column(col)
+    for name in BACKBONES.names():
+        spec = FOUNDATION_MODELS.get(name)
+        if spec is not None:
+            t.add_row(name, str(spec.dim), f"{spec.input_px} px @ {spec.mpp:g} µm/px", spec.licence,
+                      "yes" if spec.gated else "no", f"{spec.card}\n{spec.note}")
+            continue
+        with torch.device("meta"):  # the dim without allocating or downloading weights
+            dim = build_backbone(name, pretrained=False).dim
+        doc = (BACKBONES.get(name).__doc__ or "").strip().splitlines()[0]
+        t.add_row(name, str(dim), "any", "timm / torchvision weights" if "resnet" in name else "-", "no", doc)
+    con = Console()
+    con.print(t)
+    for name, why in NOT_PRESETS.items():
+        con.print(f"[bold]{name}[/bold] (not a preset): {why}")
+    con.print("Any other timm name, hf-hub:ORG/NAME or local-dir:DIR works too, with "
+              "features.backbone_args for its create_model arguments. Gated models: "
+              "`huggingface-cli login` after accepting the terms on the model page.")
+    return 0
+
+
 def cmd_tile(args: argparse.Namespace) -> int:
     from wsi_lightning.config import to_dict
     from wsi_lightning.features.extract import plan_manifest
@@ -210,6 +243,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_demo_data)
+
+    s = sub.add_parser("backbones", help="list the feature-extractor presets (dims, input, licences, gating)")
+    s.set_defaults(func=cmd_backbones)
 
     s = sub.add_parser("info", help="levels, sizes, mpp and vendor of a slide")
     s.add_argument("slide")

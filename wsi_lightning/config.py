@@ -22,7 +22,7 @@ from wsi_lightning.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
-OPEN_SECTIONS = ("method", "demo")
+OPEN_SECTIONS = ("method", "demo", "features.backbone_args")  # keys not checked against _base.yaml
 
 
 def experiments_dir() -> Path:
@@ -68,7 +68,7 @@ def check_keys(base: Any, cfg: Any, where: str, prefix: str = "") -> None:
                 f"unknown config key '{dotted}' in {where}{hint}; valid keys"
                 f"{' under ' + repr(prefix[:-1]) if prefix else ''}: {valid}"
             )
-        if prefix == "" and key in OPEN_SECTIONS:
+        if dotted in OPEN_SECTIONS:
             continue
         sub_base = base._get_node(key)  # noqa: SLF001 - avoid resolving interpolations
         sub_cfg = cfg._get_node(key)  # noqa: SLF001
@@ -236,7 +236,7 @@ def check_types(base: DictConfig, cfg: DictConfig) -> None:
     def walk(b: Any, c: Any, prefix: str) -> None:
         for key, default in b.items():
             dotted = f"{prefix}{key}"
-            if not isinstance(c, dict) or key not in c or (prefix == "" and key in OPEN_SECTIONS):
+            if not isinstance(c, dict) or key not in c or dotted in OPEN_SECTIONS:
                 continue
             value = c[key]
             if isinstance(default, dict) and isinstance(value, dict):
@@ -274,6 +274,7 @@ def _validate_values(cfg: DictConfig) -> None:
         "logger.wandb.mode": ("offline", "online", "disabled"),
         "tiling.multiscale.mode": ("none", "concentric", "quadtree"),
         "data.multiscale.mode": ("stack", "select", "flatten", "sum", "concat"),
+        "features.precision": ("fp32", "bf16", "fp16"),
     }
     for key, allowed in choices.items():
         val = OmegaConf.select(cfg, key)

@@ -15,6 +15,11 @@ Presets:
                     download), 96-d: what a pathology foundation model gives real slides, for
                     the synthetic ones: nuclear size, density and texture are linearly visible.
 
+Any other name goes to timm: a ``timm.list_models()`` name, ``hf-hub:ORG/NAME`` (the Hugging
+Face Hub) or ``local-dir:DIR`` (a downloaded or ``save_for_hf`` folder), with
+``features.backbone_args`` as ``create_model`` arguments. The pathology foundation models are
+presets of their own (:mod:`wsi_lightning.features.foundation`).
+
 Weights: ``weights=<file>`` (``.pth/.pt/.bin`` via ``torch.load(weights_only=True)`` or
 ``.safetensors``) is loaded strictly into the wrapped model (``Backbone.model``); state dicts
 nested under ``state_dict``/``model`` and ``module.`` prefixes are accepted, and classifier keys
@@ -56,6 +61,11 @@ class Backbone(nn.Module):
         std: Per-channel standard deviation the images are divided by.
         ignore_prefixes: State-dict key prefixes dropped from weights files when the model
             has no such keys (classifier heads, truncated stages).
+        input_px: the input side the model was trained on (None: any).
+        mpp: the µm/px it was trained at (None: not known).
+
+    Weights files load into ``model.weights_target`` when the model wraps another (a pooling
+    around a timm ViT), so they keep the original model's keys.
     """
 
     def __init__(
@@ -66,8 +76,11 @@ class Backbone(nn.Module):
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         ignore_prefixes: tuple[str, ...] = (),
+        input_px: int | None = None,
+        mpp: float | None = None,
     ) -> None:
         super().__init__()
+        self.input_px, self.mpp = input_px, mpp
         self.model = model
         self.name = name
         self.dim = int(dim)
@@ -92,7 +105,12 @@ class Backbone(nn.Module):
     @property
     def weights_hash(self) -> str:
         """First 16 hex digits of the sha256 of the model's state dict (names, dtypes, bytes)."""
-        return state_dict_hash(self.model.state_dict())
+        return state_dict_hash(self.weights_target.state_dict())
+
+    @property
+    def weights_target(self) -> nn.Module:
+        """The module weights files are loaded into (the wrapped model, if any)."""
+        return getattr(self.model, "weights_target", self.model)
 
     def load_weights(self, path: str | Path) -> None:
         """Load a local weights file strictly into ``self.model``.
@@ -107,14 +125,15 @@ class Backbone(nn.Module):
                 f"{where} not found; set features.weights to an existing "
                 f"{'/'.join(_WEIGHT_SUFFIXES)} file, or to null"
             )
-        state = _prepare_state_dict(_read_weights(path, where), self.model, self.ignore_prefixes)
+        target = self.weights_target
+        state = _prepare_state_dict(_read_weights(path, where), target, self.ignore_prefixes)
         if state is None:
             raise ConfigError(
                 f"{where} holds no state dict (a dict of parameter name -> tensor, possibly "
                 "under 'state_dict' or 'model'); save one with torch.save(model.state_dict())"
             )
-        _check_keys(state, self.model, where)
-        self.model.load_state_dict(state, strict=True)
+        _check_keys(state, target, where)
+        target.load_state_dict(state, strict=True)
         logger.info("%s loaded (hash %s)", where, self.weights_hash)
 
 
@@ -124,7 +143,8 @@ def build_backbone(
     """Build a backbone by preset name or timm model name, in eval mode.
 
     Args:
-        name: A ``BACKBONES`` preset or any ``timm.list_models()`` name.
+        name: A ``BACKBONES`` preset, any ``timm.list_models()`` name, ``hf-hub:ORG/NAME`` or
+            ``local-dir:DIR`` (timm's own loaders).
         pretrained: Download timm's pretrained weights (needs the internet once; cached).
         weights: Local weights file; when given, ``pretrained`` is ignored.
         **kwargs: Passed to the preset / ``timm.create_model`` (e.g. ``img_size``).
@@ -322,10 +342,32 @@ def demo_cnn(pretrained: bool = False, width: int = 32, seed: int = 0, depth: in
 
 
 # ---------------------------------------------------------------------- timm / weights
+HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
+_HUB_HELP = ("gated models (UNI, Virchow, GigaPath, H-optimus...) need `huggingface-cli login` "
+             "with an account that accepted the model's terms on its Hugging Face page; offline, "
+             "download the repository once (`huggingface-cli download ORG/NAME --local-dir DIR`) "
+             "and use features.backbone=local-dir:DIR")
+
+
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` for a timm name, ``hf-hub:ORG/NAME`` or ``local-dir:DIR`` (a folder
+    with timm's ``config.json`` and ``model.safetensors`` / ``pytorch_model.bin``, as
+    ``timm.models.save_for_hf`` writes and ``huggingface-cli download`` fetches). A local folder
+    always loads its weights (there is nothing to download); timm loads them strictly."""
     import timm
 
-    if not timm.is_model(name):
+    if name.startswith(LOCAL_PREFIX):
+        folder = Path(name[len(LOCAL_PREFIX):]).expanduser()
+        files = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+        if not (folder / "config.json").is_file() or not any((folder / f).is_file() for f in files):
+            raise ConfigError(
+                f"backbone '{name}': {folder} must hold timm's config.json and weights "
+                f"({' or '.join(files[:2])}); fetch a model's folder with `huggingface-cli download "
+                "ORG/NAME --local-dir DIR`, or save one with timm.models.save_for_hf")
+        pretrained = True
+    elif name.startswith(HUB_PREFIX):
+        pass  # timm reads the architecture from the hub's config.json
+    elif not timm.is_model(name):
         options = BACKBONES.names() + timm.list_models()
         close = difflib.get_close_matches(name, options, n=5)
         hint = f"; did you mean {close}?" if close else ""
@@ -336,6 +378,16 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised as a ConfigError that says what to do
+        if name.startswith(HUB_PREFIX):
+            raise ConfigError(
+                f"backbone '{name}': could not load it from the Hugging Face Hub "
+                f"({type(e).__name__}: {e}); {_HUB_HELP}; architecture arguments go in "
+                "features.backbone_args") from e
+        if name.startswith(LOCAL_PREFIX):
+            raise ConfigError(
+                f"backbone '{name}': timm could not build or load it ({type(e).__name__}: {e}); "
+                "a model that needs constructor arguments (e.g. UNI: init_values=1e-5, "
+                "dynamic_img_size=true) takes them from features.backbone_args") from e
         if pretrained:
             raise ConfigError(
                 f"backbone '{name}': could not load timm pretrained weights "

@@ -90,7 +90,8 @@ def expected_provenance(tiling: dict, features: dict, backbone: Any = None) -> d
         layout = LAYOUTS.get(str(ms.get("mode", "none")))
         t["multiscale"] = ({"mode": ms.get("mode", "none")} if layout is None else
                            {"mode": layout.mode, **{k: ms[k] for k in layout.keys if k in ms}})
-    extraction: dict[str, Any] = {"weights": features.get("weights"), "tiling": t}
+    extraction: dict[str, Any] = {"weights": features.get("weights"), "tiling": t,
+                                  "backbone_args": dict(features.get("backbone_args") or {})}
     if not features.get("weights"):
         extraction["pretrained"] = features.get("pretrained")
     out: dict[str, Any] = {"backbone": str(features["backbone"]), "extraction": extraction}
@@ -102,7 +103,8 @@ def expected_provenance(tiling: dict, features: dict, backbone: Any = None) -> d
 def _recorded_attrs(tiling: dict, features: dict, backbone: Any) -> dict[str, Any]:
     """The store attributes extraction adds to each slide's tiling attributes."""
     return {"backbone": backbone.name, "weights_hash": backbone.weights_hash,
-            "extraction": {k: features.get(k) for k in ("backbone", "pretrained", "weights", "dtype")}
+            "extraction": {k: features.get(k) for k in ("backbone", "pretrained", "weights", "dtype", "precision")}
+            | {"backbone_args": dict(features.get("backbone_args") or {})}
             | {"tiling": dict(tiling)}}
 
 
@@ -271,16 +273,37 @@ class TileDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
 
-class ExtractionModule(L.LightningModule):
-    """Wraps a backbone for ``Trainer.predict``: (B, 3, T, T) -> (B, D)."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, backbone: torch.nn.Module) -> None:
+
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``features.precision`` on this device (None: full fp32).
+
+    bf16 runs under autocast on GPUs and CPUs; fp16 on GPUs only (CPUs fall back to fp32, warned).
+    """
+    if precision not in PRECISIONS:
+        raise WSIError(f"features.precision={precision!r}; expected one of {list(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and device_type == "cpu":
+        log.warning("features.precision=fp16 has no CPU autocast; extracting in fp32 (bf16 does run on CPU)")
+        return None
+    return dtype
+
+
+class ExtractionModule(L.LightningModule):
+    """Wraps a backbone for ``Trainer.predict``: (B, 3, T, T) -> (B, D), under autocast when
+    ``precision`` is bf16 / fp16 (features are returned as fp32)."""
+
+    def __init__(self, backbone: torch.nn.Module, precision: str = "fp32") -> None:
         super().__init__()
         self.backbone = backbone.eval()
+        self.precision_name = precision
+        autocast_dtype(precision, "cuda")  # a bad value fails before any tile is read
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["image"]  # (B, 3, T, T) or multi-scale (B, S, 3, T, T)
-        with torch.inference_mode():
+        dtype = autocast_dtype(self.precision_name, x.device.type)
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             if x.dim() == 5:
                 b, s = x.shape[:2]
                 return self.backbone(x.flatten(0, 1)).float().view(b, -1)  # (B, S * D), scales in order
@@ -400,8 +423,13 @@ def extract_features(
     if not plans:
         return []
     backbone = build_backbone(str(features["backbone"]), pretrained=bool(features.get("pretrained", False)),
-                              weights=features.get("weights"))
+                              weights=features.get("weights"), **dict(features.get("backbone_args") or {}))
     store.check_provenance(expected_provenance(tiling, features, backbone), adding=True)  # + weights hash
+    if backbone.input_px and (int(tiling["tile_size"]), float(tiling["mpp"])) != (backbone.input_px, backbone.mpp):
+        log.warning("backbone %s was trained on %d px tiles at %g µm/px; these are %d px at %g µm/px "
+                    "(set tiling.tile_size=%d tiling.mpp=%g to match its model card)", backbone.name,
+                    backbone.input_px, backbone.mpp, int(tiling["tile_size"]), float(tiling["mpp"]),
+                    backbone.input_px, backbone.mpp)
     extra = _recorded_attrs(tiling, features, backbone)
     ds = TileDataset(plans)
     writer = StoreWriter(ds, store, extra, str(features.get("dtype", "float16")), report)
@@ -411,7 +439,8 @@ def extract_features(
         enable_model_summary=False,
     )
     data = TileDataModule(ds, int(features.get("batch_size", 64)), int(features.get("num_workers", 0)))
-    trainer.predict(ExtractionModule(backbone), datamodule=data, return_predictions=False)
+    module = ExtractionModule(backbone, str(features.get("precision", "fp32")))
+    trainer.predict(module, datamodule=data, return_predictions=False)
     if report.rows and not skip_errors:
         raise WSIError(f"extraction failed for {len(report.rows)} slide(s); see {report.path} "
                        "(rerun to retry; --skip-errors to go on without them)")
