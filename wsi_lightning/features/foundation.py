@@ -31,7 +31,7 @@ they need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -91,7 +91,6 @@ class FoundationModel:
     gated: bool = True
     card: str = ""
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def create_kwargs(self, overrides: dict[str, Any]) -> dict[str, Any]:
         return {**self.kwargs, **(_swiglu() if self.code_kwargs else {}), **overrides}
@@ -114,6 +113,13 @@ class ClassAndMeanTokens(nn.Module):
         tokens = self.vit.forward_features(x)  # (B, T, D)
         return torch.cat([tokens[:, 0], tokens[:, self.prefix:].mean(1)], -1)  # (B, 2D)
 
+
+_H_OPTIMUS_0 = FoundationModel(
+    "h_optimus_0", "bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2",
+    {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
+    dim=1536, input_px=224, mpp=0.5, mean=H_OPTIMUS_MEAN, std=H_OPTIMUS_STD, licence="Apache-2.0",
+    card="https://huggingface.co/bioptimus/H-optimus-0",
+    note="ViT-g/14 (4 register tokens), class token; tiles at 0.5 µm/px (card)")
 
 FOUNDATION_MODELS: dict[str, FoundationModel] = {m.name: m for m in (
     FoundationModel(
@@ -138,18 +144,10 @@ FOUNDATION_MODELS: dict[str, FoundationModel] = {m.name: m for m in (
         card="https://huggingface.co/paige-ai/Virchow2",
         note="ViT-H/14 (SwiGLU, 4 register tokens); class token + mean patch token (2 x 1280); "
              "trained on 5-40x, 20x as TRIDENT extracts"),
-    FoundationModel(
-        "h_optimus_0", "bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2",
-        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
-        dim=1536, input_px=224, mpp=0.5, mean=H_OPTIMUS_MEAN, std=H_OPTIMUS_STD, licence="Apache-2.0",
-        card="https://huggingface.co/bioptimus/H-optimus-0",
-        note="ViT-g/14 (4 register tokens), class token; tiles at 0.5 µm/px (card)"),
-    FoundationModel(
-        "h_optimus_1", "bioptimus/H-optimus-1", "vit_giant_patch14_reg4_dinov2",
-        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
-        dim=1536, input_px=224, mpp=0.5, mean=H_OPTIMUS_MEAN, std=H_OPTIMUS_STD, licence="CC-BY-NC-ND-4.0",
-        card="https://huggingface.co/bioptimus/H-optimus-1",
-        note="as H-optimus-0 (architecture, normalisation, 0.5 µm/px); access approved by hand"),
+    _H_OPTIMUS_0,
+    replace(_H_OPTIMUS_0, name="h_optimus_1", hub="bioptimus/H-optimus-1", licence="CC-BY-NC-ND-4.0",
+            card="https://huggingface.co/bioptimus/H-optimus-1",
+            note="as H-optimus-0 (architecture, normalisation, 0.5 µm/px); access approved by hand"),
     FoundationModel(
         "prov_gigapath", "prov-gigapath/prov-gigapath", "vit_giant_patch14_dinov2",
         {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "global_pool": "token"},
