@@ -110,6 +110,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
     kind = METHODS.get(str(cfg.method.name)).input_kind
     cls = datamodule_class(cfg, kind)
     if cls.layout is None:  # slides read on the fly: no tiling, no feature store
+        check_slide_files(manifest, step="on-the-fly slide sampling")
         return cls.from_config(cfg, manifest, kind, demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root))
     store = store_path(cfg)
     # a store made with another backbone / weights / tiling is refused, not silently reused

@@ -5,7 +5,8 @@ each command so that ``wsi --help`` answers at once.
     wsi info SLIDE [--mpp MPP]
     wsi tile MANIFEST [--out DIR] [key=value ...] [--skip-errors]
     wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors]
-    wsi import-features FILES... --store DIR [--format auto|clam_h5|trident_h5|clam_pt] [--coords-dir DIR]
+    wsi import-features FILES_OR_RESULTS_DIR... --store DIR [--format auto|clam_h5|trident_h5|clam_pt] [--coords-dir DIR]
+    wsi export-features --store DIR --out DIR [--format clam|trident] [--encoder NAME] [--slides a,b]
     wsi fit EXP [key=value ...] [--resume RUN_DIR]
     wsi test RUN_DIR [--ckpt best|last|PATH]
     wsi attribute RUN_DIR [option=value ...]
@@ -173,6 +174,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from wsi_lightning.errors import StoreError
+    from wsi_lightning.features.exporters import export_features
+    from wsi_lightning.features.store import FeatureStore
+
+    if not Path(args.store).is_dir():
+        raise StoreError(f"feature store {args.store} does not exist; pass the folder `wsi extract` or "
+                         "`wsi import-features` wrote (data.store)")
+    slides = [s for s in args.slides.split(",") if s] if args.slides else None
+    files = export_features(FeatureStore(args.store), Path(args.out), fmt=args.format, slides=slides,
+                            encoder=args.encoder, overwrite=args.overwrite)
+    log.info("wrote %d %s feature file(s) under %s", len(files), args.format, args.out)
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from wsi_lightning import config, run
 
@@ -266,12 +282,21 @@ def make_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=fn)
 
     s = sub.add_parser("import-features", help="import CLAM/TRIDENT .h5 or CLAM .pt bags into a store")
-    s.add_argument("files", nargs="+", help="files or a folder")
+    s.add_argument("files", nargs="+", help="feature files, a folder of them, or a CLAM/TRIDENT results folder")
     s.add_argument("--store", required=True)
     s.add_argument("--format", default="auto", choices=["auto", "clam_h5", "trident_h5", "clam_pt"])
     s.add_argument("--coords-dir", default=None, help="CLAM patches/ folder with <slide>.h5 coords (for .pt bags)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("export-features", help="write a store as CLAM (h5_files/, pt_files/) or TRIDENT (features_<enc>/) files")
+    s.add_argument("--store", required=True, help="the feature store folder")
+    s.add_argument("--out", required=True, help="output folder (CLAM FEATURES_DIRECTORY / TRIDENT patch folder)")
+    s.add_argument("--format", default="clam", choices=["clam", "trident"])
+    s.add_argument("--encoder", default=None, help="TRIDENT folder name features_<encoder> (default: the backbone)")
+    s.add_argument("--slides", default=None, help="comma-separated slide ids (default: all)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("fit", help="train + test an experiment: wsi fit abmil trainer.max_epochs=5")
     s.add_argument("exp", help="experiment name (experiments/<name>.yaml) or a YAML path")

@@ -1,6 +1,8 @@
 """Slide manifests (CSV) and patient-level stratified splits.
 
-Schema: ``slide_id, case_id, path`` plus one label column (or several tag columns), with
+Schema: ``slide_id, case_id`` plus one label column (or several tag columns), and ``path``
+(the slide file; optional, or empty in a row, when the feature store already holds the slide,
+e.g. features imported from CLAM/TRIDENT: only steps that read pixels need it), with
 optional ``mpp`` (overrides the slide's own; an empty cell keeps the slide's own), ``split``
 (train / val / test) and ``fold`` (each filled in on every row, or on none). The file is UTF-8.
 Paths are relative to the manifest's folder unless absolute; slide ids become file names, so
@@ -23,7 +25,7 @@ import pandas as pd
 from wsi_lightning.errors import ManifestError
 from wsi_lightning.ids import safe_slide_id
 
-REQUIRED = ("slide_id", "case_id", "path")
+REQUIRED = ("slide_id", "case_id")  # ``path`` too, for any step that reads pixels
 SPLITS = ("train", "val", "test")
 
 
@@ -32,7 +34,7 @@ class Manifest:
     """A validated manifest.
 
     Attributes:
-        df: one row per slide; ``path`` absolute; label columns as strings ("" where a multi-tag
+        df: one row per slide; ``path`` absolute ("" where the manifest gives none); label columns as strings ("" where a multi-tag
             label is unknown); ``mpp`` float or NaN (NaN: the slide's own).
         targets: label columns (one for binary / multiclass, several for multi-tag).
         classes: {target: ordered class names}.
@@ -136,7 +138,9 @@ def load_manifest(
                 )
         if len(known) < 2:
             raise ManifestError(f"manifest {path}: column '{t}' has fewer than 2 classes ({known})")
-    df["path"] = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in df["path"]]
+    if "path" not in df.columns:
+        df["path"] = ""
+    df["path"] = [_slide_path(p, path.parent) for p in df["path"]]
     df["mpp"] = _parse_mpp(df, path) if "mpp" in df.columns else np.nan
     if "split" in df.columns:
         df["split"] = df["split"].map(lambda v: "" if pd.isna(v) else str(v).strip().lower())
@@ -266,11 +270,29 @@ def _check_trained_classes(m: Manifest, train: set[str], how: str) -> None:
                 )
 
 
-def check_slide_files(m: Manifest, skip: set[str] | frozenset[str] = frozenset()) -> None:
-    """Fail on the first row whose slide file does not exist (slides in ``skip`` excepted,
-    e.g. those whose features are already in the store)."""
+def _slide_path(value: object, base: Path) -> str:
+    """A manifest ``path`` cell as an absolute path ("" for an empty cell)."""
+    if pd.isna(value) or not str(value).strip():
+        return ""
+    p = Path(str(value).strip())
+    return str(p if p.is_absolute() else base / p)
+
+
+def check_slide_files(m: Manifest, skip: set[str] | frozenset[str] = frozenset(),
+                      step: str = "tiling and extraction") -> None:
+    """Fail on the first row whose slide file is not given or does not exist (slides in
+    ``skip`` excepted, e.g. those whose features are already in the store); ``step`` names
+    what needs the pixels."""
     for i, (sid, p) in enumerate(zip(m.df["slide_id"], m.df["path"], strict=True), start=1):
-        if sid not in skip and not Path(p).exists():
+        if sid in skip:
+            continue
+        if not p:
+            raise ManifestError(
+                f"manifest {m.source} row {i}: slide '{sid}' has no path, and {step} reads its "
+                "pixels; add a 'path' column (or fill in this row), or import its features first "
+                "(wsi import-features ... --store DIR, then data.store=DIR)"
+            )
+        if not Path(p).exists():
             raise ManifestError(
                 f"manifest {m.source} row {i}: slide '{sid}' file {p} does not exist; fix the "
                 "path (relative paths are relative to the manifest's folder)"

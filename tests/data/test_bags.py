@@ -69,3 +69,28 @@ def test_standardize_uses_training_slides_only(bag_data: Path):
     raw = np.asarray(store.read_features(bag.slide_ids[0]), np.float32)
     torch.testing.assert_close(bag.features[0], torch.from_numpy((raw - dm.scaler.mean) / dm.scaler.std))
     assert dm_for(bag_data).scaler is None  # off by default: features as stored
+
+
+def test_scaler_travels_with_the_checkpoint(bag_data: Path):
+    """The training statistics are the datamodule's state: restored before or after setup()
+    (Lightning restores after), a datamodule over another split uses them instead of refitting."""
+    import numpy as np
+
+    trained = dm_for(bag_data, standardize=True)
+    state = trained.state_dict()
+    assert len(state["scaler"]["mean"]) == trained.in_dim
+    m = load_manifest(bag_data, "label", check_files=False)
+    other = {"val": 0.25, "test": 0.25, "seed": 7}
+    before = BagDataModule(m, bag_data.parent / "store", split=other, standardize=True)
+    before.load_state_dict(state)
+    before.setup()
+    after = BagDataModule(m, bag_data.parent / "store", split=other, standardize=True)
+    after.setup()
+    assert not np.allclose(after.scaler.mean, trained.scaler.mean)  # its own training slides differ
+    after.load_state_dict(state)
+    for dm in (before, after):
+        np.testing.assert_allclose(dm.scaler.mean, trained.scaler.mean)
+        assert all(ds.scaler is dm.scaler for ds in dm.datasets.values())
+    bad = {"scaler": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+    with pytest.raises(StoreError, match="3-d but store"):
+        after.load_state_dict(bad)

@@ -281,6 +281,9 @@ class AttentionLogger(L.Callback):
         mpp = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
         polygons = self._polygons(sid, row, manifest_path) if self.annotations else []
         paths: dict[str, list[Path]] = {"heatmap": [], "topk": [], "bottomk": []}
+        if not row["path"]:
+            raise ValueError("the manifest gives no slide path ('path' column), so there are no "
+                             "pixels to draw on")
         with SlideReader(row["path"], mpp=mpp) as reader:
             thumb, thumb_mpp = reader.thumbnail(max_size=self.thumb_max_size)
             scale = reader.mpp / thumb_mpp  # thumbnail px per level-0 px

@@ -183,8 +183,9 @@ def _render(dm: Any, evals: list[ip.SlideEval], heat: list[np.ndarray], features
     from wsi_lightning.analysis import viz
 
     df = dm.manifest.df.set_index("slide_id", drop=False)
-    if not all(Path(df.loc[e.slide_id, "path"]).exists() for e in evals):
-        log.warning("FeatureAttribution: slide files not found; heat-map and montage PNGs skipped")
+    if not all(df.loc[e.slide_id, "path"] and Path(df.loc[e.slide_id, "path"]).exists() for e in evals):
+        log.warning("FeatureAttribution: slide files not given in the manifest ('path') or not found; "
+                    "heat-map and montage PNGs skipped (the attribution CSVs are written)")
         return
     from rich.progress import track
 

@@ -312,7 +312,7 @@ class Mechanism(L.Callback):
             return None, None
         row = self._rows.loc[sid]
         mpp = row.get("mpp", np.nan)
-        return str(row["path"]), None if pd.isna(mpp) else float(mpp)
+        return (str(row["path"]) or None), None if pd.isna(mpp) else float(mpp)  # "": no file given
 
     # ----------------------------------------------------------------- epoch end
     def _gather(self, trainer: L.Trainer) -> list[dict[str, Any]]:

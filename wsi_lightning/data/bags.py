@@ -65,6 +65,13 @@ class FeatureScaler:
     def __call__(self, feats: np.ndarray) -> np.ndarray:
         return (np.asarray(feats, dtype=np.float32) - self.mean) / self.std
 
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FeatureScaler:
+        return cls(np.asarray(state["mean"]), np.asarray(state["std"]))
+
 
 class BagDataset(Dataset):
     """Bags of one split.
@@ -337,13 +344,29 @@ class BagDataModule(SplitDataModule):
             raise StoreError(f"feature store {self.store.root}: no training slide has features; "
                              "run `wsi extract <manifest>` first")
         labels = self.manifest.labels_by_slide()
-        if self.standardize:
+        if self.standardize and self.scaler is None:  # restored by load_state_dict: kept as trained
             self.scaler = FeatureScaler.fit(self.store, self.splits["train"], seed=int(s.get("seed", 0)))
         for name, ids in self.splits.items():
             mbs = self.max_bag_size if name == "train" else None
             self.datasets[name] = BagDataset(self.store, ids, labels, max_bag_size=mbs, scaler=self.scaler,
                                              seed=int(s.get("seed", 0)))
         log.info("splits (slides): %s", {k: len(v) for k, v in self.splits.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training-set feature statistics, so a test or
+        prediction run from the checkpoint standardises new slides exactly as in training."""
+        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "scaler" not in state:
+            return
+        if state["scaler"] is not None and len(state["scaler"]["mean"]) != self.in_dim:
+            raise StoreError(f"the checkpoint's feature statistics are {len(state['scaler']['mean'])}-d "
+                             f"but store {self.store.root} holds {self.in_dim}-d features; use the "
+                             "store (backbone) the model was trained on")
+        self.scaler = FeatureScaler.from_state(state["scaler"])
+        for ds in self.datasets.values():  # Lightning restores after setup(): swap it in
+            ds.scaler = self.scaler
 
     def loader_kwargs(self, split: str) -> dict[str, Any]:
         return {**super().loader_kwargs(split), "batch_size": self._batch_size(split), "collate_fn": self.collate}

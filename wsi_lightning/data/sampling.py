@@ -334,6 +334,9 @@ def slide_refs(manifest: Manifest) -> dict[str, SlideRef]:
     for row, (sid, path, mpp) in enumerate(rows, start=1):
         mpp = None if mpp is None or not np.isfinite(mpp) else float(mpp)
         where = f"manifest {manifest.source} row {row}: slide '{sid}'"
+        if not path:
+            raise ManifestError(f"{where} has no path, and on-the-fly slide sampling reads its pixels; "
+                                "fill in the 'path' column")
         out[sid] = SlideRef(sid, str(path), mpp, where)
     return out
 

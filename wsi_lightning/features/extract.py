@@ -133,6 +133,9 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
             attrs = {k: z[k].item() for k in ("mpp", "tile_size", "tile_size_um", "level", "extent_level0", "slide_mpp")}
             ms_grid = layout.grid_from_arrays({k[3:]: z[k] for k in z.files if k.startswith("ms_")})
             return _plan(layout, sid, path, mpp_override, z["coords"], attrs, ms_grid)
+    if not path:
+        raise SlideError(f"slide '{sid}': the manifest gives no path, and tiling reads its pixels; "
+                         "fill in the 'path' column")
     with SlideReader(path, mpp=mpp_override) as reader:
         tissue = segment_tissue(reader, thumb_mpp=float(tiling["thumb_mpp"]))
         save_tissue_png(tissue, qc)

@@ -12,6 +12,19 @@ Supported inputs (``fmt``; ``"auto"`` picks from the suffix and the file's conte
                 optionally ``coords``); coordinates come from ``<coords_dir>/<slide>.h5`` (CLAM's
                 ``patches/`` folder).
 
+``paths`` may also be a tool's results folder as it is laid out:
+
+    CLAM        ``FEATURES_DIRECTORY`` holding ``h5_files/`` (used: features + coords) and
+                ``pt_files/``; with ``pt_files/`` alone the coordinates come from ``coords_dir``
+                or a ``patches/`` folder beside it.
+    TRIDENT     the job folder (``<job>/<mag>x_<size>px_<overlap>px_overlap/features_<encoder>/``)
+                or any folder on the way down; with several encoders or patch settings the
+                error lists them (pass the one meant). ``slide_features_*`` (slide embeddings)
+                are never bags and are skipped.
+
+CLAM's ``h5_files`` carry no attributes; when ``coords_dir`` (CLAM's ``patches/``) is given, or
+found beside the folder, its ``coords`` attributes (patch level, size, downsample) are used.
+
 The slide id is the file stem. Attributes derived from the file are overridden by the
 ``attrs`` argument (e.g. ``{"mpp": 0.5, "backbone": "uni_v1"}``); every attribute the file had is
 kept under ``attrs["source_attrs"]``.
@@ -51,8 +64,9 @@ def import_features(
         paths: Feature files, or directories (all ``.h5/.hdf5/.pt/.pth`` files inside).
         store: Destination store.
         fmt: One of ``FORMATS``.
-        coords_dir: Folder of ``<slide>.h5`` files with a ``coords`` dataset, needed for
-            ``.pt`` bags that carry no coordinates.
+        coords_dir: Folder of ``<slide>.h5`` files with a ``coords`` dataset (CLAM's
+            ``patches/``), needed for ``.pt`` bags that carry no coordinates and read for the
+            patch attributes CLAM's ``h5_files`` lack; found beside a results folder if None.
         attrs: Attributes that override what is derived from the files.
         overwrite: Re-import slides that are already complete in the store.
 
@@ -64,7 +78,8 @@ def import_features(
     """
     if fmt not in FORMATS:
         raise StoreError(f"unknown feature format '{fmt}'; expected one of {list(FORMATS)}")
-    files = _expand(paths)
+    pairs = _expand(paths, coords_dir)
+    files = [f for f, _ in pairs]
     stems: dict[str, Path] = {}
     for file in files:
         if file.stem in stems:
@@ -74,14 +89,14 @@ def import_features(
             )
         stems[file.stem] = file
     imported: list[str] = []
-    for file in files:
+    for file, file_coords_dir in pairs:
         slide_id = file.stem
         if not overwrite and store.is_complete(slide_id):
             logger.info(
                 "slide '%s' already in %s; skipped (overwrite=True redoes it)", slide_id, store.root
             )
             continue
-        features, coords, derived = read_feature_file(file, fmt, coords_dir)
+        features, coords, derived = read_feature_file(file, fmt, file_coords_dir)
         store.write_slide(slide_id, features, coords, {**derived, **(attrs or {})})
         imported.append(slide_id)
     logger.info("imported %d of %d slides into %s", len(imported), len(files), store.root)
@@ -107,28 +122,87 @@ def read_feature_file(
         return _read_pt(path, coords_dir)
     if fmt in ("clam_h5", "trident_h5"):
         features, coords, source = _read_h5(path, need_features=True)
+        if fmt == "clam_h5" and coords_dir is not None and "patch_size" not in source:
+            source = {**_patch_attrs(path, coords_dir, coords), **source}
         derived = _trident_attrs(source) if fmt == "trident_h5" else _clam_attrs(source)
         return features, coords, {**derived, "extraction": {"source": fmt, "file": str(path)}}
     raise StoreError(f"{path}: unknown feature format '{fmt}'; expected one of {list(FORMATS)}")
 
 
 # ---------------------------------------------------------------------- reading
-def _expand(paths: list[Path] | Path) -> list[Path]:
+def _feature_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in _H5_SUFFIXES + _PT_SUFFIXES)
+
+
+def feature_folder(folder: Path) -> Path:
+    """The folder of per-slide feature files inside ``folder``: itself when it holds them, a
+    CLAM features folder's ``h5_files/`` (else ``pt_files/``), or the one TRIDENT
+    ``features_<encoder>/`` folder below it (at most two levels down)."""
+    if _feature_files(folder):
+        return folder
+    for name in ("h5_files", "pt_files"):
+        if (folder / name).is_dir() and _feature_files(folder / name):
+            return folder / name
+    found = sorted(p for pattern in ("features_*", "*/features_*") for p in folder.glob(pattern)
+                   if p.is_dir() and _feature_files(p))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        listed = "\n  ".join(str(p) for p in found)
+        raise StoreError(f"{folder}: several feature folders (encoders or patch settings):\n  {listed}\n"
+                         "import one of them (each into its own store)")
+    raise StoreError(f"{folder}: no .h5/.hdf5/.pt/.pth feature files in this folder, nor a CLAM "
+                     "h5_files/ / pt_files/ folder, nor a TRIDENT features_<encoder>/ folder below it")
+
+
+def patches_folder(features_dir: Path) -> Path | None:
+    """CLAM's or TRIDENT's ``patches/`` (per-slide coords with attributes) near a feature
+    folder: inside it, beside it, beside its parent, or the one ``*/patches`` beside its parent
+    (CLAM's RESULTS_DIRECTORY and FEATURES_DIRECTORY are often siblings); None when there is
+    none (or several)."""
+    for cand in (features_dir / "patches", features_dir.parent / "patches",
+                 features_dir.parent.parent / "patches"):
+        if cand.is_dir():
+            return cand
+    siblings = [p for p in features_dir.parent.parent.glob("*/patches") if p.is_dir()]
+    return siblings[0] if len(siblings) == 1 else None  # RESULTS_DIRECTORY/patches beside FEATURES_DIRECTORY
+
+
+def _expand(paths: list[Path] | Path, coords_dir: Path | None) -> list[tuple[Path, Path | None]]:
+    """(feature file, its coords folder) for every file given or found in a folder given."""
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    files: list[Path] = []
+    files: list[tuple[Path, Path | None]] = []
     for item in map(Path, items):
         if item.is_dir():
-            found = sorted(
-                p for p in item.iterdir() if p.suffix.lower() in _H5_SUFFIXES + _PT_SUFFIXES
-            )
-            if not found:
-                raise StoreError(f"{item}: no .h5/.hdf5/.pt/.pth feature files in this folder")
-            files.extend(found)
+            folder = feature_folder(item)
+            near = coords_dir if coords_dir is not None else patches_folder(folder)
+            if folder != item or near is not None:
+                logger.info("%s: importing the feature files in %s%s", item, folder,
+                            f" (coordinates' attributes from {near})" if near else "")
+            files.extend((f, near) for f in _feature_files(folder))
         elif item.is_file():
-            files.append(item)
+            files.append((item, coords_dir))
         else:
             raise StoreError(f"feature file {item} does not exist")
     return files
+
+
+def _patch_attrs(path: Path, coords_dir: Path, coords: np.ndarray) -> dict[str, Any]:
+    """The ``coords`` attributes of ``<coords_dir>/<slide>.h5`` (CLAM's patch file) when it
+    holds the same coordinates as ``path``; {} when there is no such file."""
+    patch_file = Path(coords_dir) / f"{path.stem}.h5"
+    if not patch_file.is_file():
+        return {}
+    _, patch_coords, attrs = _read_h5(patch_file, need_features=False)
+    def rows(c: np.ndarray) -> np.ndarray:  # the set of (x, y) rows, in one order
+        return c[np.lexsort((c[:, 1], c[:, 0]))]
+
+    if patch_coords.shape != coords.shape or not np.array_equal(rows(patch_coords), rows(coords)):
+        raise StoreError(f"{path}: its coords differ from those in {patch_file} ({coords.shape[0]} vs "
+                         f"{patch_coords.shape[0]} tiles); pass the patches/ folder of the same run as "
+                         "--coords-dir")
+    return attrs
 
 
 def _detect(path: Path) -> str:
