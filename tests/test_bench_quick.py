@@ -68,3 +68,32 @@ def test_make_bench_quick(tmp_path):
     assert [r["name"] for r in record["results"]] == ["tile_reading", "bag_loading", "extraction",
                                                       "slide_sampling", "hag_mil_cascade"]
     assert all(r["ratios"] for r in record["results"])
+
+
+def test_gpu_check_runs_every_step_at_toy_sizes_on_cpu(tmp_path):
+    """bench/gpu_check.sh only runs when a GPU is lent: its steps run here on a CPU at toy sizes
+    (``--device cpu --smoke``), so the script cannot break unseen between loans."""
+    from bench import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("gpu-*-smoke.json")).read_text())
+    assert not record["failed"]
+    assert set(record["results"]) == {"extract_resnet50_trunc", "extract_uni_vit_l16", "amp_epoch",
+                                      "magnet_step", "hag_mil_40k"}
+    assert record["results"]["extract_uni_vit_l16"]["tiles_per_s"] > 0
+    assert [lv["tokens"] for lv in record["results"]["hag_mil_40k"]["levels"]] == [500, 1200, 1200]
+
+
+def test_gpu_check_without_cuda_says_so(tmp_path, caplog):
+    from bench import gpu_check
+
+    if torch_cuda_available():
+        pytest.skip("a CUDA device is present")
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in caplog.text and not list(tmp_path.iterdir())
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

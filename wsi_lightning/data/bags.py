@@ -360,9 +360,10 @@ class BagDataModule(SplitDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "scaler" not in state:
             return
-        if state["scaler"] is not None and len(state["scaler"]["mean"]) != self.in_dim:
+        width = self.store.feature_dim()  # as stored (a concentric store: every scale side by side)
+        if len(state["scaler"]["mean"]) != width:
             raise StoreError(f"the checkpoint's feature statistics are {len(state['scaler']['mean'])}-d "
-                             f"but store {self.store.root} holds {self.in_dim}-d features; use the "
+                             f"but store {self.store.root} holds {width}-d features; use the "
                              "store (backbone) the model was trained on")
         self.scaler = FeatureScaler.from_state(state["scaler"])
         for ds in self.datasets.values():  # Lightning restores after setup(): swap it in
