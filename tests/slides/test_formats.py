@@ -23,6 +23,7 @@ import tifffile
 
 from tests.slides.conftest import box_pyramid
 from wsi_lightning.demo.synthetic import render
+from wsi_lightning.errors import SlideError
 from wsi_lightning.features import extract as ex
 from wsi_lightning.features.store import FeatureStore
 from wsi_lightning.manifest import load_manifest
@@ -166,3 +167,9 @@ def test_extraction_tiles_every_format(slides, tmp_path):
         counts[fmt] = len(coords)
     # the same tissue in every format: the tissue masks (JPEG noise apart) agree
     assert max(counts.values()) - min(counts.values()) <= 0.1 * max(counts.values()), counts
+
+
+def test_a_folder_without_dicom_files_names_the_fix(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a slide")
+    with pytest.raises(SlideError, match=r"folder without \.dcm files; point to the slide file"):
+        SlideReader(tmp_path)
