@@ -66,7 +66,7 @@ def test_make_bench_quick(tmp_path):
     record = json.loads((tmp_path / "results" / "latest.json").read_text())
     assert not record["failed"] and record["meta"]["quick"]
     assert [r["name"] for r in record["results"]] == ["tile_reading", "bag_loading", "extraction",
-                                                      "slide_sampling", "hag_mil_cascade"]
+                                                      "slide_sampling", "hag_mil_cascade", "dicom_tile_reading"]
     assert all(r["ratios"] for r in record["results"])
 
 

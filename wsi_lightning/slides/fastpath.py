@@ -1,4 +1,4 @@
-"""Direct JPEG-tile reading for tiled TIFF and Aperio SVS slides.
+"""Direct JPEG-tile reading for tiled TIFF and Aperio SVS slides (and, in ``dicom.py``, DICOM WSI).
 
 OpenSlide spends most of a tile read copying pixels (ARGB surfaces, cairo compositing), not
 decoding JPEG (`docs/environment.md`: 0.19x of the decode limit). For the common case, a TIFF whose
@@ -11,6 +11,8 @@ do not depend on the backend: we rebuild it with OpenSlide's rules (generic-tiff
 and reduced-resolution tiled pages, widest first; aperio: every tiled page in file order; SubIFDs
 are never levels) and then check it against the level sizes and tile sizes OpenSlide reported.
 Anything we are not sure of raises ``FastPathUnavailable`` and the reader falls back to OpenSlide.
+``TiledJpegSlide`` holds what does not depend on the container (decoding, the tile cache, the
+geometry below); a subclass only finds each tile's bytes.
 
 ``read_region`` reproduces OpenSlide's geometry: a level-0 location maps to ``location / downsample``
 at the level; a fractional position is resampled bilinearly (as cairo does), negative coordinates
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +57,10 @@ class JpegLevel:
         width, height: level size in pixels.
         tile_width, tile_height: tile size in pixels.
         across, down: number of tile columns / rows.
-        offsets, counts: (down * across,) int64 file offset and byte count of each tile
-            (row-major); a count of 0 is a missing tile, read as white.
         tables: shared JPEGTables bytes (abbreviated tiles, e.g. Aperio), or None.
         colorspace: libjpeg colour space of the tile data (from the photometric tag).
+        offsets, counts: TIFF only: (down * across,) int64 file offset and byte count of each
+            tile (row-major); a count of 0 is a missing tile, read as white.
     """
 
     width: int
@@ -66,10 +69,10 @@ class JpegLevel:
     tile_height: int
     across: int
     down: int
-    offsets: np.ndarray
-    counts: np.ndarray
     tables: bytes | None
     colorspace: int
+    offsets: np.ndarray | None = None
+    counts: np.ndarray | None = None
 
 
 def decode_tile(data: bytes, level: JpegLevel) -> np.ndarray:
@@ -132,57 +135,26 @@ def _jpeg_level(page: tifffile.TiffPage, file_size: int, path: Path) -> JpegLeve
     )
 
 
-class JpegTiffSlide:
-    """Reads JPEG-tiled TIFF/SVS levels by decoding tile bytes directly.
+class TiledJpegSlide(ABC):
+    """Pyramid levels stored as grids of JPEG tiles, read like OpenSlide (subclasses find the bytes).
 
-    Args:
-        path: the slide file.
-        vendor: OpenSlide's ``openslide.vendor`` for this file.
-        level_dimensions: OpenSlide's (width, height) per level; the levels must match exactly.
-        level_downsamples: OpenSlide's downsample per level (used to map level-0 locations).
-        tile_sizes: OpenSlide's (tile width, tile height) per level, or None to skip that check.
-        tile_cache: how many decoded tiles to keep (LRU); 0 disables caching.
-
-    Raises:
-        FastPathUnavailable: the file is not one we can read faithfully (use OpenSlide).
-        SlideError: the file is truncated.
+    A subclass sets ``levels`` (checked against OpenSlide's with ``check_levels``),
+    ``level_downsamples`` and the tile cache (``init_cache``), and implements ``tile_bytes``;
+    decoding, caching and OpenSlide's ``read_region`` geometry are shared.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        vendor: str | None,
-        level_dimensions: list[tuple[int, int]],
-        level_downsamples: list[float],
-        tile_sizes: list[tuple[int, int] | None] | None = None,
-        tile_cache: int = 16,
-    ) -> None:
-        self.path = Path(path)
-        if vendor not in FAST_VENDORS:
-            raise FastPathUnavailable(f"vendor {vendor!r} is not one of {FAST_VENDORS}")
-        self._fd = os.open(self.path, os.O_RDONLY)
-        try:
-            self.levels = self._read_levels(vendor, level_dimensions, tile_sizes)
-        except BaseException:
-            os.close(self._fd)
-            raise
+    levels: list[JpegLevel]
+    level_downsamples: list[float]
+
+    def init_cache(self, level_downsamples: list[float], tile_cache: int) -> None:
+        """Set the downsamples (to map level-0 locations) and an LRU of `tile_cache` tiles."""
         self.level_downsamples = [float(d) for d in level_downsamples]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_size = max(0, int(tile_cache))
 
-    def _read_levels(self, vendor, level_dimensions, tile_sizes) -> list[JpegLevel]:
-        file_size = os.fstat(self._fd).st_size
-        tif_log = logging.getLogger("tifffile")
-        old_level = tif_log.level
-        tif_log.setLevel(logging.CRITICAL)  # a damaged file is reported by us, not tifffile
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                pages = _candidate_pages(tif, vendor)
-                levels = [_jpeg_level(p, file_size, self.path) for p in pages]
-        except (tifffile.TiffFileError, ValueError, KeyError, IndexError) as err:
-            raise FastPathUnavailable(f"tifffile cannot parse the file: {err}") from err
-        finally:
-            tif_log.setLevel(old_level)
+    @staticmethod
+    def check_levels(levels: list[JpegLevel], level_dimensions, tile_sizes) -> list[JpegLevel]:
+        """`levels` if they are OpenSlide's (sizes, then tile sizes where given), else raise."""
         dims = [(lv.width, lv.height) for lv in levels]
         if dims != [tuple(d) for d in level_dimensions]:
             raise FastPathUnavailable(f"levels {dims} differ from OpenSlide's {level_dimensions}")
@@ -192,14 +164,9 @@ class JpegTiffSlide:
         return levels
 
     # -- tiles --------------------------------------------------------------------------------
+    @abstractmethod
     def tile_bytes(self, level: int, tx: int, ty: int) -> bytes | None:
         """Raw JPEG bytes of tile (tx, ty) of `level`, or None for a missing tile."""
-        lv = self.levels[level]
-        i = ty * lv.across + tx
-        count = int(lv.counts[i])
-        if count == 0:
-            return None
-        return os.pread(self._fd, count, int(lv.offsets[i]))
 
     def read_tile(self, level: int, tx: int, ty: int) -> tuple[np.ndarray | None, bool]:
         """Decoded tile and whether it is shared with the cache (then the caller must copy).
@@ -293,8 +260,73 @@ class JpegTiffSlide:
         return out
 
     def close(self) -> None:
+        """Drop cached tiles (subclasses also release their files)."""
+        self._cache.clear()
+
+
+class JpegTiffSlide(TiledJpegSlide):
+    """Reads JPEG-tiled TIFF/SVS levels by decoding tile bytes directly.
+
+    Args:
+        path: the slide file.
+        vendor: OpenSlide's ``openslide.vendor`` for this file.
+        level_dimensions: OpenSlide's (width, height) per level; the levels must match exactly.
+        level_downsamples: OpenSlide's downsample per level (used to map level-0 locations).
+        tile_sizes: OpenSlide's (tile width, tile height) per level, or None to skip that check.
+        tile_cache: how many decoded tiles to keep (LRU); 0 disables caching.
+
+    Raises:
+        FastPathUnavailable: the file is not one we can read faithfully (use OpenSlide).
+        SlideError: the file is truncated.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        vendor: str | None,
+        level_dimensions: list[tuple[int, int]],
+        level_downsamples: list[float],
+        tile_sizes: list[tuple[int, int] | None] | None = None,
+        tile_cache: int = 16,
+    ) -> None:
+        self.path = Path(path)
+        if vendor not in FAST_VENDORS:
+            raise FastPathUnavailable(f"vendor {vendor!r} is not one of {FAST_VENDORS}")
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.levels = self._read_levels(vendor, level_dimensions, tile_sizes)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.init_cache(level_downsamples, tile_cache)
+
+    def _read_levels(self, vendor, level_dimensions, tile_sizes) -> list[JpegLevel]:
+        file_size = os.fstat(self._fd).st_size
+        tif_log = logging.getLogger("tifffile")
+        old_level = tif_log.level
+        tif_log.setLevel(logging.CRITICAL)  # a damaged file is reported by us, not tifffile
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                pages = _candidate_pages(tif, vendor)
+                levels = [_jpeg_level(p, file_size, self.path) for p in pages]
+        except (tifffile.TiffFileError, ValueError, KeyError, IndexError) as err:
+            raise FastPathUnavailable(f"tifffile cannot parse the file: {err}") from err
+        finally:
+            tif_log.setLevel(old_level)
+        return self.check_levels(levels, level_dimensions, tile_sizes)
+
+    def tile_bytes(self, level: int, tx: int, ty: int) -> bytes | None:
+        """Raw JPEG bytes of tile (tx, ty) of `level`, or None for a missing tile."""
+        lv = self.levels[level]
+        i = ty * lv.across + tx
+        count = int(lv.counts[i])
+        if count == 0:
+            return None
+        return os.pread(self._fd, count, int(lv.offsets[i]))
+
+    def close(self) -> None:
         """Close the file descriptor and drop cached tiles."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._cache.clear()
+        super().close()

@@ -6,8 +6,10 @@ the slide white. Physical size is the unit that matters across scanners, so ``re
 box at a requested microns-per-pixel from the best pyramid level and resizes only when needed.
 
 Two backends give the same levels, properties and pixels (within JPEG-decoder rounding):
-``fast`` decodes JPEG tiles of tiled TIFF/SVS files directly (``fastpath.py``, ~5x faster than
-OpenSlide on tile reads) and ``openslide`` handles every other format.
+``fast`` decodes JPEG tiles directly, of tiled TIFF/SVS files (``fastpath.py``, ~5x faster than
+OpenSlide on tile reads) and of DICOM WSI (``dicom.py``, frames found by wsidicom), and
+``openslide`` handles every other format. A DICOM WSI may be given as its folder or as any of
+its ``.dcm`` files.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import openslide
 from PIL import Image
 
 from wsi_lightning.errors import ConfigError, SlideError
-from wsi_lightning.slides.fastpath import FastPathUnavailable, JpegTiffSlide
+from wsi_lightning.slides.dicom import DicomJpegSlide, dicom_files
+from wsi_lightning.slides.fastpath import FastPathUnavailable, JpegTiffSlide, TiledJpegSlide
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,10 @@ class SlideReader:
     """One open whole-slide image.
 
     Args:
-        path: slide file (anything OpenSlide opens).
+        path: slide file (anything OpenSlide opens), or a DICOM WSI folder.
         mpp: level-0 microns per pixel from the manifest; overrides the slide's own
             ``openslide.mpp-x``.
-        backend: ``"auto"`` (fast path for JPEG-tiled TIFF/SVS, else OpenSlide), ``"fast"``
+        backend: ``"auto"`` (fast path for JPEG-tiled TIFF/SVS/DICOM, else OpenSlide), ``"fast"``
             (fast path or error) or ``"openslide"``.
         tile_cache: decoded tiles kept by the fast path (LRU, ~200 KB each); 0 disables.
 
@@ -74,7 +77,7 @@ class SlideReader:
                 "per pixel; fix the 'mpp' column of the manifest for this slide"
             )
         self._mpp_override = None if mpp is None else float(mpp)
-        osr = _open_openslide(self.path)
+        osr, self._file = _open_openslide(self.path)
         self.properties: dict[str, str] = dict(osr.properties)
         self.level_count: int = osr.level_count
         self.level_dimensions: list[tuple[int, int]] = [tuple(d) for d in osr.level_dimensions]
@@ -84,7 +87,7 @@ class SlideReader:
         power = self.properties.get("openslide.objective-power")
         self.objective_power: float | None = _to_float(power)
         self._osr: openslide.OpenSlide | None = None
-        self._fast: JpegTiffSlide | None = None
+        self._fast: TiledJpegSlide | None = None
         if backend in ("auto", "fast"):
             self._fast = self._try_fast(backend, tile_cache)
         if self._fast is not None:
@@ -94,7 +97,7 @@ class SlideReader:
             self._osr = osr
             self.backend = "openslide"
 
-    def _try_fast(self, backend: str, tile_cache: int) -> JpegTiffSlide | None:
+    def _try_fast(self, backend: str, tile_cache: int) -> TiledJpegSlide | None:
         tiles = [
             (
                 int(self.properties.get(f"openslide.level[{i}].tile-width", 0)),
@@ -103,15 +106,11 @@ class SlideReader:
             for i in range(self.level_count)
         ]
         tile_sizes = [t if all(t) else None for t in tiles]
+        geometry = (self.level_dimensions, self.level_downsamples, tile_sizes)
         try:
-            return JpegTiffSlide(
-                self.path,
-                self.vendor,
-                self.level_dimensions,
-                self.level_downsamples,
-                tile_sizes,
-                tile_cache=tile_cache,
-            )
+            if self.vendor == "dicom":
+                return DicomJpegSlide(self._file, *geometry, tile_cache=tile_cache)
+            return JpegTiffSlide(self._file, self.vendor, *geometry, tile_cache=tile_cache)
         except FastPathUnavailable as err:
             if backend == "fast":
                 raise SlideError(
@@ -268,17 +267,24 @@ def _to_float(value: str | None) -> float | None:
         return None
 
 
-def _open_openslide(path: Path) -> openslide.OpenSlide:
-    """``openslide.OpenSlide`` with errors that name the file and say what to do."""
+def _open_openslide(path: Path) -> tuple[openslide.OpenSlide, Path]:
+    """(``openslide.OpenSlide``, the file it opened) with errors that name the file and say what
+    to do; a folder is a DICOM WSI, opened through its first ``.dcm`` file."""
     if not path.exists():
         raise SlideError(
             f"cannot open slide {path}: file not found; check the manifest 'path' column "
             "(relative paths are resolved from the manifest's folder) and that the data is mounted"
         )
     if path.is_dir():
-        raise SlideError(f"cannot open slide {path}: it is a folder; point to the slide file")
+        files = dicom_files(path)
+        if not files:
+            raise SlideError(
+                f"cannot open slide {path}: it is a folder without .dcm files; point to the "
+                "slide file (a folder is read as a DICOM WSI, one series of .dcm files)"
+            )
+        path = files[0]
     try:
-        return openslide.OpenSlide(path)
+        return openslide.OpenSlide(path), path
     except openslide.OpenSlideUnsupportedFormatError as err:
         reason = f"not a whole-slide image OpenSlide can read, or a damaged one ({err})"
     except (openslide.OpenSlideError, OSError) as err:
