@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -238,8 +239,18 @@ def _level_tiles(spec: GigaSpec, level: int, size: tuple[int, int], fields: _Fie
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux ``ru_maxrss`` is in KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, in MB: Linux's ``VmHWM``, the high-water mark
+    of this program's own memory. (``ru_maxrss`` is not: it keeps the high-water mark of the
+    process before ``exec``, so a child started by a 750 MB parent reports >= 750 MB.)
+    Elsewhere ``ru_maxrss`` (KB on Linux-likes, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def write_gigapixel(path: str | os.PathLike, spec: GigaSpec = GigaSpec(), progress: bool = True) -> dict:
