@@ -2,8 +2,8 @@
 
 The whole ``python -m bench --quick`` (what ``make bench ARGS=--quick`` runs) takes ~8 min on a
 2-core CPU, so it is marked slow (``make test-all``); the fast tests check the entry point with
-stand-in benchmarks and the slide-sampling benchmark (where ``make bench`` once crashed on the
-batch type) on tiny slides.
+stand-in benchmarks, and the slide-sampling (where ``make bench`` once crashed on the batch type)
+and gigapixel benchmarks on tiny slides.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
-from bench import bench_sampling
+from bench import bench_gigapixel, bench_sampling
 from tests.conftest import REPO
 
 
@@ -56,6 +56,19 @@ def test_sampling_bench_on_tiny_slides(tmp_path, monkeypatch):
     assert set(res["ratios"]) == {"compute_fraction", "workers_speedup"}
 
 
+def test_gigapixel_bench_on_tiny_slides(tmp_path, monkeypatch):
+    """The gigapixel benchmark's subprocesses (drawing, extraction with each backend) end to end."""
+    monkeypatch.setattr(bench_gigapixel, "QUICK_SIZES", {"large": (4096, 3072), "small": (2048, 1536)})
+    res = bench_gigapixel.run(tmp_path, quick=True)
+    runs = res["runs"]
+    assert set(runs) == {"large/fast", "small/fast", "small/openslide"}
+    assert runs["large/fast"]["tissue_tiles"] > 2 * runs["small/fast"]["tissue_tiles"] > 0
+    assert runs["small/openslide"]["tissue_tiles"] == runs["small/fast"]["tissue_tiles"]
+    assert all(r["peak_rss_mb"] > 0 and r["split_s"]["model"] > 0 for r in runs.values())
+    assert set(res["ratios"]) == {"rss_small_over_large", "ms_per_tile_small_over_large", "openslide_read_over_fast"}
+    assert res["generation"]["large"]["peak_rss_mb"] > 0
+
+
 @pytest.mark.slow
 def test_make_bench_quick(tmp_path):
     """``make bench ARGS=--quick`` end to end, its data and results under tmp_path (~8 min)."""
@@ -66,7 +79,8 @@ def test_make_bench_quick(tmp_path):
     record = json.loads((tmp_path / "results" / "latest.json").read_text())
     assert not record["failed"] and record["meta"]["quick"]
     assert [r["name"] for r in record["results"]] == ["tile_reading", "bag_loading", "extraction",
-                                                      "slide_sampling", "hag_mil_cascade", "dicom_tile_reading"]
+                                                      "slide_sampling", "hag_mil_cascade", "dicom_tile_reading",
+                                                      "gigapixel"]
     assert all(r["ratios"] for r in record["results"])
 
 

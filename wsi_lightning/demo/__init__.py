@@ -9,6 +9,7 @@ only the build and the CLI do, when no manifest is configured (``wsi demo-data``
     zoom         task "zoom": candidate regions at low magnification, the cue at high
     synthetic    sample_spec (draw a slide) and render (paint it)
     dataset      make_demo_dataset: pyramids + annotations + manifest, resumable, in parallel
+    gigapixel    realistic-size slides (100k x 80k px) drawn tile by tile, for benchmarks
 """
 
 from wsi_lightning.demo.dataset import make_demo_dataset

@@ -5,6 +5,21 @@ Tissue is stained (saturated) or dark; glass is bright and grey. We threshold sa
 the mask with morphology in physical units: closing, opening, hole filling and removal of small
 fragments. Everything is computed at ``thumb_mpp`` (8 µm/px by default: a 40x slide of 100k px
 becomes ~3k px).
+
+Pale tissue: where strongly stained tissue (DAB, dense nuclei) and pale tissue (loose stroma, a
+light counterstain) share a slide, Otsu splits the two stains instead of tissue from glass and the
+pale tissue is lost. So pixels clearly darker than the slide's own glass are tissue too. The
+glass level is measured on each slide: the most common grey level among bright, unsaturated
+thumbnail pixels. Only grey (luma) is compared: a saturation margin also marked the glass next to
+stained tissue (JPEG's subsampled chroma bleeds into it), moving every tissue edge outwards.
+
+Measured (``tests/slides/test_pale_tissue.py``: scikit-image's IHC image of colon, DAB and
+haematoxylin, pasted on its own glass colour, 1 mm and 256 µm blocks at 0.5 µm/px): Otsu alone
+kept 75% of the tissue at 8 µm/px, 89% at 4 and 97% at 2 µm/px (where a 100k px slide's thumbnail
+is 16x larger); with glass - 12 grey levels at 8 µm/px, 98.7% (98.6% for an H&E-like pale
+version, 98.3% with an illumination ramp of 24 grey levels across the glass) and no glass pixel.
+The demo slides' masks barely change (IoU with the rendered tissue 0.965, was 0.964). A ramp of
+40 grey levels marks 48% of the glass: raise ``pale_grey`` or set it to None for such slides.
 """
 
 from __future__ import annotations
@@ -110,6 +125,29 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(best.mean())  # middle of the plateau when the modes are separated by a gap
 
 
+def _saturation_grey(thumb: np.ndarray, rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and luma grey (both 0-255) of a (h, w, 3) uint8 image, row strip by row
+    strip so that no (h, w, 3) float copy is made. Returns two (h, w) float32 arrays."""
+    h, w = thumb.shape[:2]
+    sat, grey = np.empty((h, w), np.float32), np.empty((h, w), np.float32)
+    weights = np.array([0.299, 0.587, 0.114], np.float32)
+    for y in range(0, h, rows):
+        rgb = thumb[y : y + rows].astype(np.float32)  # (rows, w, 3)
+        vmax, vmin = rgb.max(axis=2), rgb.min(axis=2)
+        sat[y : y + rows] = (vmax - vmin) / np.maximum(vmax, 1) * 255
+        grey[y : y + rows] = rgb @ weights
+    return sat, grey
+
+
+def _glass_grey(sat: np.ndarray, grey: np.ndarray, t_sat: float) -> float | None:
+    """Grey level of the slide's glass: the most common (rounded) grey level among bright
+    (>= 128) pixels no more saturated than ``t_sat``; None when there is none (no glass)."""
+    bright = (sat <= t_sat) & (grey >= 128)
+    if not bright.any():
+        return None
+    return float(np.argmax(np.bincount(np.rint(grey[bright]).astype(np.int64), minlength=256)))
+
+
 def _disk(radius_px: float) -> np.ndarray:
     r = max(0, math.floor(radius_px))
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
@@ -122,6 +160,7 @@ def segment_tissue(
     min_area_um2: float = 10_000.0,
     min_saturation: float = 20.0,
     max_dark: float = 200.0,
+    pale_grey: float | None = 12.0,
     close_um: float = 24.0,
     open_um: float = 8.0,
     fill_holes: bool = True,
@@ -137,6 +176,10 @@ def segment_tissue(
             lower it for very pale stains.
         max_dark: pixels with grey level at or below ``min(Otsu(grey), max_dark)`` are tissue
             too (dark, unsaturated tissue); set to 0 to use saturation only.
+        pale_grey: pixels more than this many grey levels darker than the slide's glass are
+            tissue too (pale tissue below Otsu's threshold; see the module docstring). None:
+            Otsu and ``max_dark`` only. Raise it for glass with very uneven illumination (a
+            ramp of more than ~25 grey levels across the slide marks the darker glass).
         close_um, open_um: radii of the closing (bridges gaps) and opening (removes specks).
         fill_holes: fill holes enclosed by tissue (lumens, fat).
         max_hole_um2: only holes smaller than this are filled (None: all); larger lumens and
@@ -149,13 +192,13 @@ def segment_tissue(
         NoTissueError: nothing is left (blank or out-of-focus slide, or thresholds too strict).
     """
     thumb, mpp = reader.thumbnail(mpp=thumb_mpp)
-    rgb = thumb.astype(np.float32)
-    vmax, vmin = rgb.max(axis=2), rgb.min(axis=2)
-    sat = (vmax - vmin) / np.maximum(vmax, 1) * 255
-    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    sat, grey = _saturation_grey(thumb)
     t_sat = max(otsu_threshold(sat), min_saturation)
     t_dark = min(otsu_threshold(grey), max_dark)
     mask = (sat > t_sat) | (grey <= t_dark)
+    glass = _glass_grey(sat, grey, t_sat) if pale_grey is not None else None
+    if glass is not None:
+        mask |= grey < glass - pale_grey
     pad = math.ceil(max(close_um, open_um) / mpp) + 1  # no erosion from the image border
     mask = np.pad(mask, pad)
     if close_um > 0:
