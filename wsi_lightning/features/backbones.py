@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -364,6 +365,7 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
                 f"backbone '{name}': {folder} must hold timm's config.json and weights "
                 f"({' or '.join(files[:2])}); fetch a model's folder with `huggingface-cli download "
                 "ORG/NAME --local-dir DIR`, or save one with timm.models.save_for_hf")
+        _refuse_transformers_folder(name, folder)
         pretrained = True
     elif name.startswith(HUB_PREFIX):
         pass  # timm reads the architecture from the hub's config.json
@@ -398,6 +400,19 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
             f"backbone '{name}': timm.create_model failed with arguments {kwargs} "
             f"({type(e).__name__}: {e})"
         ) from e
+
+
+def _refuse_transformers_folder(name: str, folder: Path) -> None:
+    """A ``transformers`` folder (its config.json names a ``model_type``, timm's an ``architecture``)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # timm reports an unreadable config itself
+    if isinstance(config, dict) and "model_type" in config and "architecture" not in config:
+        raise ConfigError(
+            f"backbone '{name}': {folder} is a transformers model folder (model_type "
+            f"{config['model_type']!r}), not a timm one; for Phikon-v2 (dinov2) use "
+            f"features.backbone=phikon_v2 features.weights={folder}")
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
