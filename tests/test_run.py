@@ -41,6 +41,18 @@ def test_fit_writes_run_folder_and_metrics_match_predictions(bag_data: Path, tmp
     assert again.metrics["test/auroc"] == pytest.approx(res.metrics["test/auroc"], abs=1e-6)
 
 
+def test_retest_standardises_with_the_checkpoints_statistics(bag_data: Path, tmp_path: Path, monkeypatch):
+    """data.standardize (the default): wsi test takes the feature statistics from the checkpoint,
+    never refits them on the slides the manifest calls train today."""
+    from wsi_lightning.data.bags import FeatureScaler
+
+    res = run.fit(config.load("abmil", feature_cfg_overrides(bag_data, tmp_path / "runs", **{"trainer.max_epochs": 2})))
+    assert res.metrics  # fitted with a scaler
+    monkeypatch.setattr(FeatureScaler, "fit", classmethod(lambda *a, **k: pytest.fail("scaler refitted")))
+    again = run.test(res.run_dir)
+    assert again.metrics["test/auroc"] == pytest.approx(res.metrics["test/auroc"], abs=1e-6)
+
+
 def test_wandb_offline_run_is_written(bag_data: Path, tmp_path: Path):
     over = feature_cfg_overrides(bag_data, tmp_path / "runs", **{
         "logger.wandb.enabled": True, "logger.wandb.mode": "offline", "trainer.max_epochs": 1})

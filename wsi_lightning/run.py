@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -237,6 +238,18 @@ def checkpoint_path(run_dir: Path, ckpt: str) -> Path:
     return path
 
 
+def restore_datamodule(dm: Any, ckpt_path: Path) -> None:
+    """Give ``dm`` the state its class saved in the checkpoint (``data.standardize``: the
+    training slides' feature statistics), so a test or prediction standardises as training did
+    rather than refitting on whatever the current manifest calls ``train``."""
+    load = getattr(dm, "load_state_dict", None)
+    if load is None:
+        return
+    state = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get(type(dm).__qualname__)
+    if state:
+        load(state)
+
+
 def test(run_dir: str | Path, ckpt: str = "best", overrides: list[str] | None = None) -> RunResult:
     """Re-test a run from its saved config and a checkpoint (``best``, ``last`` or a path).
 
@@ -258,6 +271,7 @@ def test(run_dir: str | Path, ckpt: str = "best", overrides: list[str] | None = 
     out_dir.mkdir(exist_ok=True)
     dm = build.build_datamodule(cfg)
     dm.prepare_data()
+    restore_datamodule(dm, ckpt_path)
     dm.setup("test")
     cls, _ = build.method_kwargs(cfg)
     # weights_only: a checkpoint is read as tensors and plain containers, never as a pickle
@@ -289,6 +303,7 @@ def attribute(run_dir: str | Path, ckpt: str = "best", options: dict | None = No
     opts = FeatureAttribution(**(options or {})).opts  # validates the options
     dm = build.build_datamodule(cfg)
     dm.prepare_data()
+    restore_datamodule(dm, ckpt_path)
     dm.setup("test")
     cls, _ = build.method_kwargs(cfg)
     model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
