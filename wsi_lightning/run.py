@@ -144,6 +144,9 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
                  "(%s); the experiment's demo: overrides are applied", build.demo_dir(cfg))
     dm = build.build_datamodule(cfg)
     dm.prepare_data()  # before any DDP child exists: children then find the store complete
+    # again: extraction draws from the global generators (its DataLoader's base seed), so without
+    # this a run's initial weights would depend on whether its features were already cached
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm.setup("fit")
     model = build.build_method(cfg, dm.in_dim, dm.num_classes, dm.class_names, str(run_dir))
     save_resolved(cfg, run_dir)
