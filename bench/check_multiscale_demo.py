@@ -25,8 +25,16 @@ per feature set: each scale alone, 0.5 + 2.0 µm/px, all three. Reported AUCs:
                  tissue; architecture: decoy_arch, atypia: decoy_cells)
 
 One scale sees one cue: 0.5 µm/px should separate lesions from normal tissue and architecture
-decoys but not from cell decoys, 2.0 µm/px the reverse; only the combination separates all. The
-check passes when vs_decoys is >= 0.9 for all three scales and <= 0.75 for 0.5 and 2.0 alone.
+decoys but not from cell decoys, 2.0 µm/px the reverse; only the combination separates all.
+
+Slide-level balance: the mean tissue area and the mean area (within tissue) of each cue per
+slide, for tumour and normal slides, their ratio and Welch's p-value. A class gap there would be
+a shortcut for a model that sees one magnification (task version 2 had one: tumour slides ~30%
+more of each cue). The exact check is in tests (``test_cue_area_and_tissue_do_not_depend_on_label``
+compares the specs of both labels on the same seeds); this one measures the rendered slides.
+
+The check passes when vs_decoys is >= 0.9 for all three scales and <= 0.75 for 0.5 and 2.0
+alone, and no area differs between the classes at p < MIN_AREA_P.
 A logistic regression needs many slides to learn the conjunction across slides' stain and
 density nuisance: with 16 slides it is data-starved (see the numbers in the report).
 
@@ -47,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from scipy.stats import ttest_ind
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
@@ -68,6 +77,11 @@ FEATURE_SETS = {"0.5": (0,), "1.0": (1,), "2.0": (2,), "0.5+2.0": (0, 2), "all":
 C_GRID = (0.03, 0.3)
 MIN_CONTEXT_TISSUE = 0.97  # tissue fraction of the largest window, for every group alike
 INSIDE_SCALE = 2  # a region tile has this window (x 56 µm) >= 90% inside the region
+# least Welch p-value of a class difference in mean tissue / cue area. A cue's area per slide
+# varies by ~30% (sd / mean), so at 48 slides the classes' means differ by ~9% (sd) by chance
+# alone (measured on the specs of 6 draws of 48 slides: least p 0.06-0.93); the task-version-2
+# leak (+30% of each cue on tumour slides) gave a least p <= 0.005 in all 6
+MIN_AREA_P = 0.01
 
 
 def _region_masks(geojson: dict, slide_um: float, mpp: float) -> dict[str, np.ndarray]:
@@ -90,25 +104,61 @@ def _box_fraction(mask: np.ndarray, cx: float, cy: float, side_um: float) -> flo
     return float(box.mean()) if box.size else 0.0
 
 
-def tile_groups(root: Path, row: dict, rng: np.random.Generator, per_group: int) -> list[tuple]:
+def _slide_masks(root: Path, row: dict):
+    """A slide's reader, side (µm), region masks (``_region_masks``) and tissue mask."""
+    reader = SlideReader(root / row["path"])
+    slide_um = reader.dimensions[0] * reader.mpp
+    geo = json.loads((root / "annotations" / f"{row['slide_id']}.geojson").read_text())
+    return reader, slide_um, _region_masks(geo, slide_um, reader.mpp), segment_tissue(reader)
+
+
+def cue_areas(masks: dict[str, np.ndarray], tissue) -> dict[str, float]:
+    """Tissue area and, within tissue, the area of each cue (mm²) on one slide.
+
+    Architecture: lesions + architecture decoys; atypia: lesions + cell decoys.
+    """
+    n = next(iter(masks.values())).shape[0]
+    idx = ((np.arange(n) + 0.5) * MASK_UM / tissue.mpp).astype(int)  # MASK_UM cell -> mask pixel
+    h, w = tissue.mask.shape
+    t = tissue.mask[np.minimum(idx, h - 1)][:, np.minimum(idx, w - 1)]  # (n, n) bool
+    cell_mm2 = MASK_UM**2 / 1e6
+    return {
+        "tissue": float(tissue.mask.sum() * tissue.mpp**2 / 1e6),
+        "architecture": float(((masks["lesion"] | masks["decoy_arch"]) & t).sum() * cell_mm2),
+        "atypia": float(((masks["lesion"] | masks["decoy_cells"]) & t).sum() * cell_mm2),
+    }
+
+
+def class_balance(areas: list[dict[str, float]], tumour: np.ndarray) -> dict[str, dict]:
+    """Mean tissue and cue areas (mm²) per class, their tumour / normal ratio and Welch's
+    two-sided p-value for a difference of the means."""
+    out = {}
+    for key in areas[0]:
+        v = np.array([a[key] for a in areas])
+        t, n = float(v[tumour].mean()), float(v[~tumour].mean())
+        p = float(ttest_ind(v[tumour], v[~tumour], equal_var=False).pvalue)
+        out[key] = {"tumor": round(t, 4), "normal": round(n, 4), "ratio": round(t / n, 3),
+                    "p": round(p, 4)}
+    return out
+
+
+def tile_groups(
+    slide_um: float, masks: dict[str, np.ndarray], tissue, mpp: float, rng: np.random.Generator,
+    per_group: int,
+) -> list[tuple]:
     """Tile centres (microns) of each group on one slide, at most `per_group` each.
 
     Returns:
         [(group, cx_um, cy_um), ...].
     """
-    reader = SlideReader(root / row["path"])
-    slide_um = reader.dimensions[0] * reader.mpp
-    geo = json.loads((root / "annotations" / f"{row['slide_id']}.geojson").read_text())
-    masks = _region_masks(geo, slide_um, reader.mpp)
     any_region = np.logical_or.reduce(list(masks.values()))
-    tissue = segment_tissue(reader)
     centres = np.arange(TILE_UM / 2, slide_um - TILE_UM / 2, TILE_UM / 2)  # half-tile stride
     found: dict[str, list] = {g: [] for g in GROUPS}
     for cy in centres:
         for cx in centres:
             sides = np.array([1, SCALES[-1]]) * TILE_UM
-            boxes = np.stack([cx - sides / 2, cy - sides / 2, sides, sides], 1) / reader.mpp
-            inside, context = tissue.fractions(boxes, reader.mpp)  # tile, largest window
+            boxes = np.stack([cx - sides / 2, cy - sides / 2, sides, sides], 1) / mpp
+            inside, context = tissue.fractions(boxes, mpp)  # tile, largest window
             if inside < 0.9 or context < MIN_CONTEXT_TISSUE:
                 continue
             for group, mask in masks.items():
@@ -212,12 +262,14 @@ def main() -> int:
     log.info("data ready in %.1f s", time.perf_counter() - start)
     backbone = build_backbone("demo_cnn").eval()
     rng = np.random.default_rng(args.seed)
-    feats, groups, slides, labels = [], [], [], []
+    feats, groups, slides, labels, areas = [], [], [], [], []
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
-        centres = tile_groups(data, row, rng, args.per_group)
-        feats.append(scale_features(SlideReader(data / row["path"]), centres, backbone))
+        reader, slide_um, masks, tissue = _slide_masks(data, row)
+        areas.append(cue_areas(masks, tissue))
+        centres = tile_groups(slide_um, masks, tissue, reader.mpp, rng, args.per_group)
+        feats.append(scale_features(reader, centres, backbone))
         groups += [c[0] for c in centres]
         slides += [row["slide_id"]] * len(centres)
         labels += [row["label"] == "tumor"] * len(centres)
@@ -225,7 +277,9 @@ def main() -> int:
     y_slide = np.array(labels, int)
     counts = {g: int((group == g).sum()) for g in GROUPS}
     log.info("tiles per group: %s from %d slides", counts, len(set(slides)))
-    results = {"tiles": counts, "n_slides": args.n_slides, "auc": {}}
+    balance = class_balance(areas, np.array([r["label"] == "tumor" for r in rows]))
+    log.info("mean area per slide (mm², tumour / normal): %s", balance)
+    results = {"tiles": counts, "n_slides": args.n_slides, "balance": balance, "auc": {}}
     y = (group == "lesion").astype(int)
     cues = {"architecture": "decoy_arch", "atypia": "decoy_cells"}
     results["cue_auc"] = {}
@@ -240,12 +294,17 @@ def main() -> int:
             results["cue_auc"][name][cue] = round(float(roc_auc_score(t, score)), 3)
         log.info("%-8s %s cues %s", name, results["auc"][name], results["cue_auc"][name])
     auc = {name: r["vs_decoys"] for name, r in results["auc"].items()}
-    results["passed"] = auc["all"] >= 0.9 and max(auc["0.5"], auc["2.0"]) <= 0.75
+    least_p = min(b["p"] for b in balance.values())
+    results["passed"] = (
+        auc["all"] >= 0.9 and max(auc["0.5"], auc["2.0"]) <= 0.75 and least_p >= MIN_AREA_P
+    )
     log.info(
-        "lesion vs decoys: all scales %.3f, 0.5 µm/px %.3f, 2.0 µm/px %.3f -> %s (%.0f s)",
+        "lesion vs decoys: all scales %.3f, 0.5 µm/px %.3f, 2.0 µm/px %.3f; tumour vs normal "
+        "tissue / cue area: least p %.3f -> %s (%.0f s)",
         auc["all"],
         auc["0.5"],
         auc["2.0"],
+        least_p,
         "PASS" if results["passed"] else "FAIL",
         time.perf_counter() - start,
     )

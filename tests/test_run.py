@@ -68,6 +68,30 @@ def test_wandb_offline_run_is_written(bag_data: Path, tmp_path: Path):
     assert len(runs2) == 1 and runs2[0].name.split("-")[-1] != runs[0].name.split("-")[-1]
 
 
+def test_training_does_not_depend_on_what_data_preparation_draws(bag_data: Path, tmp_path: Path,
+                                                                 monkeypatch):
+    """A fit whose data preparation draws random numbers (extraction does, when the store is not
+    cached yet) trains exactly like one that finds everything ready."""
+    import torch
+
+    from wsi_lightning import build
+
+    over = feature_cfg_overrides(bag_data, tmp_path / "runs", **{"trainer.max_epochs": 2})
+    cached = run.fit(config.load("abmil", over))
+    built = build.build_datamodule
+
+    def drawing(cfg):  # draws on its first call only, like an extraction (Lightning calls it again)
+        dm, calls = built(cfg), []
+        prepare = dm.prepare_data
+        dm.prepare_data = lambda: (prepare(), calls or (torch.rand(10), np.random.rand(10)), calls.append(1))
+        return dm
+
+    monkeypatch.setattr(build, "build_datamodule", drawing)
+    fresh = run.fit(config.load("abmil", over))
+    a, b = (pd.read_csv(r.run_dir / "test_predictions.csv") for r in (cached, fresh))
+    pd.testing.assert_frame_equal(a, b)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("exp", ["abmil", "max_pool"])
 def test_attention_learns_the_fixture_task(bag_data: Path, tmp_path: Path, exp: str):

@@ -144,17 +144,20 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
         log.info("no data.manifest configured: running on the built-in synthetic demo data "
                  "(%s); the experiment's demo: overrides are applied", build.demo_dir(cfg))
     dm = build.build_datamodule(cfg)
-    dm.prepare_data()  # before any DDP child exists: children then find the store complete
-    dm.setup("fit")
-    model = build.build_method(cfg, dm.in_dim, dm.num_classes, dm.class_names, str(run_dir))
-    save_resolved(cfg, run_dir)
-    previous = os.environ.get(RUN_DIR_ENV)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
     threads = torch.get_num_threads()
-    if cfg.trainer.num_threads:
+    if cfg.trainer.num_threads:  # the extraction of missing features too
         torch.set_num_threads(int(cfg.trainer.num_threads))
+    previous = os.environ.get(RUN_DIR_ENV)
     trainer = None
     try:
+        dm.prepare_data()  # before any DDP child exists: children then find the store complete
+        # again: extraction draws from the global generators (its DataLoader's base seed), so
+        # without this a run's initial weights would depend on whether its features were cached
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        dm.setup("fit")
+        model = build.build_method(cfg, dm.in_dim, dm.num_classes, dm.class_names, str(run_dir))
+        save_resolved(cfg, run_dir)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
         # a resumed fit skips the sanity check: the uninterrupted run did it once, at its start
         trainer = build.build_trainer(cfg, run_dir, **({"num_sanity_val_steps": 0} if ckpt_path else {}))
         trainer.callbacks.extend(extra_callbacks or [])

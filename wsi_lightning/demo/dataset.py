@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1  # bump when a change alters the pixels of a given spec
 # per task, bumped when a change alters that task's pixels (older folders then fail to resume,
 # with a message saying to delete them); multiscale 2: every region of a tumour slide is a lesion
-# zoom 2: 4 candidates (100-170 µm), 2-3 of them lesions (v1: 3, 90-160 µm, 1-2)
-TASK_VERSIONS = {"multiscale": 2, "zoom": 2}
+# multiscale 3: every slide places 4 regions (tumour slides leave 2 empty), so both classes have
+# the same cue area; zoom 2: 4 candidates (100-170 µm), 2-3 of them lesions (v1: 3, 90-160 µm, 1-2)
+TASK_VERSIONS = {"multiscale": 3, "zoom": 2}
 DEFAULTS = {
     "size_um": 1536.0,  # 3072 px at 0.5 µm/px
     "mpp": 0.5,

@@ -32,6 +32,10 @@ needs two cues at the same place, each visible at one magnification only (CS-MIL
       do not depend on the label, so a model that sees one magnification is at chance;
       ``bench/check_multiscale_demo.py`` measures it. (Until task version 2 a tumour slide had
       one lesion and two decoys: too little signal for MIL on 44 training slides.)
+    - Cue area and tissue do not depend on the label either: every slide places 4 regions the
+      same way, and a tumour slide leaves the 2 that would be its atypia decoys empty (task
+      version 3; in version 2 tumour slides placed only their 2 lesions, which then shrank
+      less to fit, so they had ~30% more area of each cue than normal slides).
     - Nuclei are denser (3000-4500 /mm²) and tissue covers 20% more glass than in the lesion
       task; the nuisance variation is the same.
 
@@ -241,9 +245,10 @@ def sample_multiscale_regions(
     lesions); on a normal slide all 2 x `per_cue` regions are single-cue decoys. So a model that
     sees one cue (one magnification) finds the same number of cue regions in both classes and
     cannot tell them apart; only the co-location of both cues, which needs both magnifications,
-    can. All regions
-    have the same size distribution (``_region_radius``, placed in random order) and keep 40 µm
-    apart.
+    can. Every slide places the same 2 x `per_cue` regions (``_region_radius``, 40 µm apart,
+    shrunk where they do not fit), so the area of each cue has the same distribution in both
+    classes (on a given seed the architecture regions are identical); on a tumour slide the
+    atypia regions are placed but left empty.
     """
     spec = replace(
         spec,
@@ -254,9 +259,12 @@ def sample_multiscale_regions(
         architecture=MULTISCALE_ARCHITECTURE,
         atypia=MULTISCALE_ATYPIA,
     )
-    n_both = per_cue if spec.label == "tumor" else 0
-    kinds = np.repeat([0, 1, 2], [n_both, per_cue - n_both, per_cue - n_both])  # both/arch/cells
-    kinds = kinds[rng.permutation(len(kinds))]
+    # Every slide places 2 x per_cue regions and assigns them in random order to the two cues,
+    # whatever its label; a tumour slide then puts the atypia into its architecture regions
+    # (they become the lesions) and leaves its atypia regions out. Placing fewer regions on
+    # tumour slides (task version 2) shrank them less: tumour slides had ~30% more area of each
+    # cue than normal ones, a label leak visible at one magnification.
+    kinds = np.repeat([1, 2], per_cue)[rng.permutation(2 * per_cue)]  # 1 arch, 2 cells
     regions = _place_lesions(
         rng, spec, len(kinds), radius=_region_radius, gap_um=40.0, min_radius_um=25.0
     )
@@ -264,8 +272,10 @@ def sample_multiscale_regions(
         raise RuntimeError(
             f"slide {spec.slide_id}: no room for {len(kinds)} cue regions; use a larger size_um"
         )
-    by_kind = [tuple(r for r, k in zip(regions, kinds, strict=True) if k == j) for j in range(3)]
-    return replace(spec, lesions=by_kind[0], arch_decoys=by_kind[1], cell_decoys=by_kind[2])
+    arch, cells = (tuple(r for r, k in zip(regions, kinds, strict=True) if k == j) for j in (1, 2))
+    if spec.label == "tumor":
+        return replace(spec, lesions=arch)
+    return replace(spec, arch_decoys=arch, cell_decoys=cells)
 
 
 def sample_zoom_regions(

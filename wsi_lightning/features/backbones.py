@@ -261,7 +261,9 @@ class DemoCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, 2C) [mean, std] of the last map."""
-        h = self.features(x).flatten(2)  # (B, C, h*w)
+        # channels-last input: the CPU convolutions run ~25% faster (measured at 1 thread on
+        # 384 tiles of 112 px: 0.52 -> 0.39 s; outputs equal to 3e-7)
+        h = self.features(x.contiguous(memory_format=torch.channels_last)).flatten(2)  # (B, C, h*w)
         std, mean = torch.std_mean(h, dim=2, correction=0)  # (B, C) each
         return torch.cat([mean, std], dim=1)  # (B, 2C)
 
