@@ -87,7 +87,11 @@ def test_without_the_cards_arguments_the_weights_do_not_load(tmp_path: Path):
         build_backbone("vit_large_patch16_224", weights=tmp_path / "model.safetensors", img_size=32, **TINY)
 
 
-def test_local_dir_and_hub_names_get_actionable_errors(tmp_path: Path):
+def test_local_dir_and_hub_names_get_actionable_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # no 20 s of retries where there is no network
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))  # and nothing cached
     with pytest.raises(ConfigError, match=r"must hold timm's config.json and weights"):
         build_backbone(f"local-dir:{tmp_path}")
     with pytest.raises(ConfigError, match=r"huggingface-cli login.*local-dir:DIR"):
