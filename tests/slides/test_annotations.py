@@ -94,3 +94,23 @@ def test_in_lesions_matches_a_plain_polygon_test_and_unreadable_files_name_the_f
     bad.write_text("{not json")
     with pytest.raises(WSIError, match="bad.geojson: cannot read GeoJSON"):
         load_lesions(bad)
+
+
+def test_every_qupath_export_shape_is_read(tmp_path: Path):
+    """FeatureCollection, QuPath's bare JSON array of features, one Feature and a bare geometry give
+    the same lesions; anything else is a clear error (a bare array once crashed the attention
+    logger with an AttributeError)."""
+    tumour, stroma = _feature(_square(0, 0, 10), "Tumor"), _feature(_square(50, 50, 10), "Stroma")
+    shapes = {"collection": {"type": "FeatureCollection", "features": [tumour, stroma]},
+              "array": [tumour, stroma], "feature": tumour, "geometry": tumour["geometry"]}
+    got = {}
+    for name, obj in shapes.items():
+        (tmp_path / f"{name}.geojson").write_text(json.dumps(obj))
+        lesions = load_lesions(tmp_path / f"{name}.geojson")
+        got[name] = [les.exterior.tolist() for les in lesions]
+    assert all(v == got["collection"] for v in got.values()) and len(got["collection"]) == 1
+    for bad, match in ((42, "top level: 'int'"), ([tumour, 7], "entry 1 of its features is a int"),
+                       ({"type": "Point", "coordinates": [1, 2]}, "top level: 'Point'")):
+        (tmp_path / "bad.geojson").write_text(json.dumps(bad))
+        with pytest.raises(WSIError, match=match):
+            load_lesions(tmp_path / "bad.geojson")

@@ -1,7 +1,8 @@
 """Lesion annotations (GeoJSON, QuPath convention) and tile ground truth derived from them.
 
 An annotation file is a GeoJSON FeatureCollection of Polygon / MultiPolygon features in level-0
-pixel coordinates. Which features are lesions is decided by their classification name
+pixel coordinates (QuPath's other export shapes are read too: a bare JSON array of features, one
+Feature, or a bare geometry). Which features are lesions is decided by their classification name
 (``properties.classification.name``, or a plain string there), case-insensitively:
 
 * unclassified features and every other name (``Tumor``, ``tumour``, ``metastasis``...) are
@@ -74,6 +75,29 @@ def _class_name(feature: dict) -> str:
     return str(cls or "").strip().lower()
 
 
+def _features(gj: object, path: Path) -> list[dict]:
+    """The features of any shape QuPath exports: a FeatureCollection, a bare JSON array of
+    features ("Export objects as JSON array"), one Feature, or a bare Polygon / MultiPolygon."""
+    if isinstance(gj, list):
+        items = gj
+    elif isinstance(gj, dict) and gj.get("type") == "FeatureCollection":
+        items = gj.get("features") or []
+    elif isinstance(gj, dict) and gj.get("type") == "Feature":
+        items = [gj]
+    elif isinstance(gj, dict) and gj.get("type") in ("Polygon", "MultiPolygon"):
+        items = [{"type": "Feature", "geometry": gj, "properties": {}}]
+    else:
+        what = gj.get("type") if isinstance(gj, dict) else type(gj).__name__
+        raise WSIError(f"annotation {path}: not GeoJSON features (top level: {what!r}); expected a "
+                       "FeatureCollection, a Feature, a JSON array of features (QuPath's export) or a "
+                       "Polygon / MultiPolygon, in level-0 pixels")
+    bad = [i for i, f in enumerate(items) if not isinstance(f, dict)]
+    if bad:
+        raise WSIError(f"annotation {path}: entry {bad[0]} of its features is a "
+                       f"{type(items[bad[0]]).__name__}, not a GeoJSON Feature object; fix or remove the file")
+    return items
+
+
 def read_polygons(path: str | Path) -> list[tuple[str, list[np.ndarray]]]:
     """Every polygon of a GeoJSON file as (lower-case class name, rings): rings[0] the exterior,
     the rest its holes, each (K, 2) level-0 (x, y). Non-polygon geometries are skipped.
@@ -88,9 +112,8 @@ def read_polygons(path: str | Path) -> list[tuple[str, list[np.ndarray]]]:
         raise WSIError(
             f"annotation {path}: cannot read GeoJSON ({e}); fix or remove the file"
         ) from e
-    feats = gj.get("features", []) if gj.get("type") == "FeatureCollection" else [gj]
     out = []
-    for f in feats:
+    for f in _features(gj, path):
         geom = f.get("geometry") or {}
         polys = (
             [geom["coordinates"]]
