@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,8 @@ def export_features(store: FeatureStore, out: Path, fmt: str = "clam", slides: l
 def _attributes(attrs: dict[str, Any], fmt: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(file attributes, ``coords`` attributes) of one slide's export."""
     source = attrs.get("source_attrs")
-    came_from = (attrs.get("extraction") or {}).get("source") if isinstance(attrs.get("extraction"), dict) else None
+    extraction = attrs.get("extraction")
+    came_from = extraction.get("source") if isinstance(extraction, dict) else None
     if isinstance(source, dict) and came_from in ("clam_h5", "trident_h5", "clam_pt") \
             and (came_from == "trident_h5") == (fmt == "trident"):
         file_attrs = {k[len("file."):]: v for k, v in source.items() if k.startswith("file.")}
@@ -117,38 +120,38 @@ def _attributes(attrs: dict[str, Any], fmt: str) -> tuple[dict[str, Any], dict[s
 
 
 def _h5_value(value: Any) -> Any:
-    """A JSON-like attribute value as HDF5 can store it (lists as arrays, None dropped)."""
+    """A JSON-like attribute value as HDF5 can store it (lists as arrays)."""
     if isinstance(value, list):
         return np.asarray(value)
     return value
 
 
-def _write_h5(path: Path, feats: np.ndarray, coords: np.ndarray, file_attrs: dict[str, Any],
-              coord_attrs: dict[str, Any]) -> None:
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; moved onto ``path`` only if the block
+    finishes, removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=feats)
-            ds = f.create_dataset("coords", data=coords)
-            for k, v in file_attrs.items():
-                if v is not None:
-                    f.attrs[k] = _h5_value(v)
-            for k, v in coord_attrs.items():
-                if v is not None:
-                    ds.attrs[k] = _h5_value(v)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_h5(path: Path, feats: np.ndarray, coords: np.ndarray, file_attrs: dict[str, Any],
+              coord_attrs: dict[str, Any]) -> None:
+    with _atomic(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=feats)
+        ds = f.create_dataset("coords", data=coords)
+        for target, attrs in ((f, file_attrs), (ds, coord_attrs)):
+            for k, v in attrs.items():
+                if v is not None:
+                    target.attrs[k] = _h5_value(v)
 
 
 def _write_pt(path: Path, feats: np.ndarray) -> None:
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with _atomic(path) as tmp:
         torch.save(torch.from_numpy(feats), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
