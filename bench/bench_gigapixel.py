@@ -125,8 +125,8 @@ def _child(slide: Path, work: Path, backend: str) -> dict:
     if written != ["giga"]:
         raise RuntimeError(f"extraction of {slide} wrote {written}, expected ['giga']")
     tiles = store.num_instances("giga")
-    split = {k: round(v, 2) for k, v in clock.items()}
-    split["rest"] = round(total - sum(clock.values()), 2)
+    split = {k: round(v, 4) for k, v in clock.items()}
+    split["rest"] = round(total - sum(clock.values()), 4)
     return {"backend": backend, "tissue_tiles": tiles, "seconds": round(total, 2),
             "tiles_per_s": round(tiles / total, 1), "s_per_1000_tiles": round(1000 * total / tiles, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1), "split_s": split,

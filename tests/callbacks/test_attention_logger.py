@@ -97,8 +97,9 @@ def test_abmil_fit_writes_maps_for_every_test_slide(demo: tuple[Path, Path], tmp
         for kind in ("heatmap", "topk", "bottomk"):
             assert Image.open(out / f"{sid}_{kind}.png").format == "PNG", (sid, kind)
     df = pd.read_csv(out / "attention.csv")
-    assert list(df.columns) == ["slide_id", "map", "tile", "x", "y", "attention", "normalised"]
+    assert list(df.columns) == ["slide_id", "map", "tile", "x", "y", "extent", "attention", "normalised"]
     assert sorted(df["slide_id"].unique()) == test_ids and (df["map"] == 0).all()
+    assert (df["extent"] == FeatureStore(store).attrs(test_ids[0])["extent_level0"]).all()  # 64 px at 1 um/px
     np.testing.assert_allclose(df.groupby("slide_id")["attention"].sum(), 1.0, atol=1e-4)
     for sid, g in df.groupby("slide_id"):
         coords = FeatureStore(store).read_coords(sid)  # tile = row in the store, all tiles once
@@ -116,7 +117,21 @@ def test_method_without_attention_warns_once_and_writes_nothing(demo: tuple[Path
         res = run.fit(config.load("mean_pool", over))
     assert not (res.run_dir / "attention").exists()
     warned = [r for r in caplog.records if r.name == LOGGER]
-    assert len(warned) == 1 and "gives no attention" in warned[0].getMessage()
+    assert len(warned) == 1 and "gives no attention and no tile scores" in warned[0].getMessage()
+
+
+def test_tile_scores_are_the_map_of_a_method_without_attention(demo: tuple[Path, Path], tmp_path: Path):
+    """CHOWDER has no attention: its per-tile scores s_i are what the CSV and heat-maps show."""
+    manifest, store = demo
+    over = demo_overrides(manifest, store, tmp_path / "runs", "[{name: attention_logger, normalisation: raw}]")
+    res = run.fit(config.load("chowder", over))
+    df = pd.read_csv(res.run_dir / "attention" / "attention.csv")
+    test_ids = sorted(pd.read_csv(res.run_dir / "test_predictions.csv")["slide_id"])
+    assert sorted(df["slide_id"].unique()) == test_ids
+    for sid, g in df.groupby("slide_id"):
+        assert sorted(g["tile"]) == list(range(FeatureStore(store).num_instances(sid)))
+    assert df["attention"].std() > 0  # scores, not the padding's zeros
+    assert (res.run_dir / "attention" / f"{test_ids[0]}_heatmap.png").exists()
 
 
 def test_features_without_slides_write_the_csv_only(tmp_path: Path, caplog: pytest.LogCaptureFixture):

@@ -1,11 +1,12 @@
 """Attention heat-maps, top/bottom tile montages and a per-tile CSV for every test slide.
 
-For any method whose ``MILOutput.attention`` is set ((B, N), or (B, H, N) for H maps), the
+For any method whose ``MILOutput.attention`` is set ((B, N), or (B, H, N) for H maps; methods
+without attention, such as CHOWDER, give their ``MILOutput.tile_scores`` (B, N) instead), the
 callback keeps each test slide's attention over its valid tiles and their level-0 coordinates.
 At the end of the test epoch the slides of all ranks are gathered (each slide once) and rank 0
 writes, under ``<run folder>/<out_dir>/``:
 
-    attention.csv                 slide_id, map, tile, x, y, attention (raw), normalised
+    attention.csv                 slide_id, map, tile, x, y, extent, attention (raw), normalised
     <slide_id>_heatmap.png        thumbnail | heat-map (annotated lesions outlined if found)
     <slide_id>_topk.png           the top_k most attended tiles, read from the slide
     <slide_id>_bottomk.png        the bottom_k least attended tiles
@@ -19,7 +20,9 @@ attention: map 1 + s is scale s's score (CS-MIL's Fig. 3 paints each scale min-m
 ``normalisation: minmax``). Methods that score other tile sets (HAG-MIL's quadtree levels) return
 them as ``MILOutput.tile_maps`` (:class:`~wsi_lightning.methods.base.TileMap`: name, attention
 (B, n), mask (B, n), coords (B, n, 2), extent, the tiles' side in level-0 px); each becomes a map of its own, named
-``<slide_id>_<name>_heatmap.png`` and ``map = <name>`` in the CSV. Images need
+``<slide_id>_<name>_heatmap.png`` and ``map = <name>`` in the CSV. ``x, y`` are a tile's top-left
+corner and ``extent`` its side, in level-0 pixels (empty when the store does not record it), so
+the CSV alone places every tile on the slide (``wsi export-qupath``, ``wsi view``). Images need
 the slide files (manifest ``path`` and ``mpp``) and the feature store's tile geometry; without
 them (features imported without slides) the images are skipped with one warning and the CSV
 is still written. Lesion outlines come from a manifest column ``annotation`` (a GeoJSON path,
@@ -157,9 +160,11 @@ class AttentionLogger(L.Callback):
         if maps:
             self._keep_maps(batch, maps)
             return
+        if att is None:  # methods without attention (CHOWDER): their tile scores are the map
+            att = getattr(out, "tile_scores", None)
         if att is None:
-            self._warn_once(trainer, "none", "attention_logger: %s gives no attention "
-                            "(MILOutput.attention is None); no attention maps are written",
+            self._warn_once(trainer, "none", "attention_logger: %s gives no attention and no tile "
+                            "scores (MILOutput.attention / tile_scores are None); no maps are written",
                             type(pl_module).__name__)
             return
         mask, coords = getattr(batch, "mask", None), getattr(batch, "coords", None)
@@ -207,6 +212,13 @@ class AttentionLogger(L.Callback):
             return
         out = Path(trainer.default_root_dir) / self.out_dir
         out.mkdir(parents=True, exist_ok=True)
+        store = getattr(trainer.datamodule, "store", None)
+        for s in slides:
+            if not s.get("extent") and store is not None:
+                try:
+                    s["extent"] = store.attrs(s["slide_id"]).get("extent_level0")
+                except (WSIError, OSError, KeyError):
+                    s["extent"] = None
         self.write_csv(slides, out / CSV_NAME)
         keep = list(dict.fromkeys(s["slide_id"] for s in slides))[: self.max_slides]  # slides, not maps
         todo = slides if self.max_slides is None else [s for s in slides if s["slide_id"] in set(keep)]
@@ -225,7 +237,8 @@ class AttentionLogger(L.Callback):
             for h in range(att.shape[0]):
                 parts.append(pd.DataFrame({
                     "slide_id": s["slide_id"], "map": s.get("map", h), "tile": np.arange(att.shape[1]),
-                    "x": xy[:, 0], "y": xy[:, 1], "attention": att[h],
+                    "x": xy[:, 0], "y": xy[:, 1],
+                    "extent": float(s["extent"]) if s.get("extent") else np.nan, "attention": att[h],
                     "normalised": viz.normalise(att[h], self.normalisation)}))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
