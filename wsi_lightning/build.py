@@ -82,6 +82,12 @@ def import_datamodules() -> None:
     import wsi_lightning.data.sampling  # noqa: F401
 
 
+def method_input_kind(cfg: DictConfig) -> str:
+    """The ``input_kind`` (bag, multiscale, quadtree, slides, ...) of the configured method."""
+    import_registered()
+    return METHODS.get(str(cfg.method.name)).input_kind
+
+
 def datamodule_class(cfg: DictConfig, input_kind: str) -> type:
     """The DataModule serving ``input_kind`` from this config's store layout, its config checked."""
     from wsi_lightning.data.bags import datamodule_for
@@ -106,8 +112,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
     if cfg.data.task == "binary" and any(len(c) != 2 for c in manifest.classes.values()):
         raise ConfigError(f"data.task=binary but {manifest.source} has classes {manifest.classes}; "
                           "set data.task=multiclass")
-    import_registered()
-    kind = METHODS.get(str(cfg.method.name)).input_kind
+    kind = method_input_kind(cfg)
     cls = datamodule_class(cfg, kind)
     if cls.layout is None:  # slides read on the fly: no tiling, no feature store
         check_slide_files(manifest, step="on-the-fly slide sampling")

@@ -71,6 +71,7 @@ def load_manifest(
     classes: dict[str, list[str]] | list[str] | None = None,
     check_files: bool = True,
     allow_missing: bool | None = None,
+    require_labels: bool = True,
 ) -> Manifest:
     """Read and validate a manifest CSV.
 
@@ -92,6 +93,8 @@ def load_manifest(
             ignored by the loss and the metrics). None: allowed only with several targets
             (multi-tag: a slide may lack some tags, though not all of them); a single label
             column must be filled in on every row.
+        require_labels: False for slides to predict (``wsi predict``): a label column may be
+            absent or empty anywhere, and ``classes`` (the trained model's) must be given.
 
     Returns:
         The validated manifest. An empty ``mpp`` cell means the slide's own mpp (NaN in ``df``).
@@ -101,6 +104,12 @@ def load_manifest(
         raise ManifestError(f"manifest {path} not found; check data.manifest")
     df = _read_csv(path)
     targets = [targets] if isinstance(targets, str) else list(targets)
+    if not require_labels:
+        if not classes:
+            raise ValueError("load_manifest(require_labels=False) needs the model's classes")
+        for t in targets:
+            if t not in df.columns:
+                df[t] = ""
     missing = [c for c in (*REQUIRED, *targets) if c not in df.columns]
     if missing:
         raise ManifestError(
@@ -125,7 +134,8 @@ def load_manifest(
         raise ManifestError(f"manifest {path} rows {rows}: duplicate slide_id(s) {sorted(set(dup))}; slide ids must be unique")
     for t in targets:
         df[t] = df[t].map(lambda v: "" if pd.isna(v) else str(v).strip())
-    _check_empty_labels(df, targets, allow_missing, path)
+    if require_labels:
+        _check_empty_labels(df, targets, allow_missing, path)
     for t in targets:
         found = sorted(v for v in df[t].unique() if v)
         known = [str(c) for c in classes.get(t, found)]
