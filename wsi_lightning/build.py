@@ -98,17 +98,29 @@ def datamodule_class(cfg: DictConfig, input_kind: str) -> type:
     return cls
 
 
-def build_datamodule(cfg: DictConfig) -> Any:
+def build_datamodule(cfg: DictConfig, predict: dict[str, list[str]] | None = None,
+                     slides: list[str] | None = None) -> Any:
     """The registered DataModule for the method's ``input_kind`` and the store layout, built
     from the config (``from_config``); store-based ones get the extraction of what is missing
-    as their ``prepare_data``."""
+    as their ``prepare_data``.
+
+    ``predict``: the trained model's ``{target: class names}``; the manifest's slides are then
+    slides to predict (labels optional, every slide in ``test``: ``wsi predict``), restricted
+    to ``slides`` when given."""
     from wsi_lightning.features.extract import expected_provenance, extract_features
     from wsi_lightning.features.store import FeatureStore
     from wsi_lightning.manifest import check_slide_files, load_manifest
 
     targets = list(cfg.data.tag_cols) if cfg.data.task == "multitag" else [cfg.data.label_col]
     classes = to_dict(cfg.data.classes)
-    manifest = load_manifest(manifest_path(cfg), targets, classes, check_files=False)
+    if predict is None:
+        manifest = load_manifest(manifest_path(cfg), targets, classes, check_files=False)
+    else:
+        manifest = load_manifest(manifest_path(cfg), targets, predict, check_files=False, allow_missing=True,
+                                 require_labels=False)
+        if slides is not None:
+            manifest.df = manifest.df[manifest.df["slide_id"].isin(set(slides))].reset_index(drop=True)
+        manifest.df["split"] = "test"
     if cfg.data.task == "binary" and any(len(c) != 2 for c in manifest.classes.values()):
         raise ConfigError(f"data.task=binary but {manifest.source} has classes {manifest.classes}; "
                           "set data.task=multiclass")
@@ -332,9 +344,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **overrides: Any) -> L.Trainer
         accumulate_grad_batches=t["accumulate_grad_batches"], gradient_clip_val=t["gradient_clip_val"],
         log_every_n_steps=t["log_every_n_steps"], deterministic=t["deterministic"],
         enable_progress_bar=t["enable_progress_bar"], default_root_dir=str(run_dir),
-        callbacks=build_callbacks(cfg, run_dir), logger=build_loggers(cfg, run_dir) or False,
+        callbacks=build_callbacks(cfg, run_dir),
         use_distributed_sampler=False,  # BagDataModule shards itself (unpadded val/test)
     )
+    if "logger" not in overrides:  # (test / predict pass logger=False: no W&B run folder for them)
+        kwargs["logger"] = build_loggers(cfg, run_dir) or False
     method = METHODS.get(str(cfg.method.name)) if str(cfg.method.name) in METHODS else None
     if method is not None and getattr(method, "find_unused_parameters", False) and t["strategy"] in ("auto", "ddp"):
         # methods stepping sub-models separately (HAG-MIL's levels) leave parameters out of a

@@ -9,6 +9,7 @@ each command so that ``wsi --help`` answers at once.
     wsi export-features --store DIR --out DIR [--format clam|trident] [--encoder NAME] [--slides a,b]
     wsi fit EXP [key=value ...] [--resume RUN_DIR]
     wsi test RUN_DIR [--ckpt best|last|PATH]
+    wsi predict RUN_DIR MANIFEST [--out DIR] [--ckpt best|last|PATH] [--skip-errors] [key=value ...]
     wsi attribute RUN_DIR [option=value ...]
     wsi manifest camelyon16 ROOT [--out FILE]
     wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2]
@@ -207,6 +208,14 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from wsi_lightning import run
+
+    run.predict(args.run_dir, args.manifest, out=args.out, ckpt=args.ckpt, overrides=args.overrides,
+                skip_errors=args.skip_errors)
+    return 0
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     from wsi_lightning import run
     from wsi_lightning.config import parse_overrides, to_dict
@@ -311,6 +320,16 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", default="best", help="best (default), last, or a .ckpt file")
     s.set_defaults(func=cmd_test)
 
+    s = sub.add_parser("predict", help="run a trained run on new slides (labels optional): predictions.csv + maps")
+    s.add_argument("run_dir", help="a finished run folder, runs/<exp>/<timestamp>")
+    s.add_argument("manifest", help="CSV with slide_id, case_id, path (label optional)")
+    s.add_argument("overrides", nargs="*", help="execution settings only: trainer.num_threads=2, trainer.devices=2, ...")
+    s.add_argument("--out", default=None, help="output folder (default RUN_DIR/predict-<manifest name>)")
+    s.add_argument("--ckpt", default="best", help="best (default), last, or a .ckpt file")
+    s.add_argument("--skip-errors", action="store_true",
+                   help="leave out slides that cannot be read (recorded in the store's errors.csv)")
+    s.set_defaults(func=cmd_predict)
+
     s = sub.add_parser("reproduce", help="run a paper table spec (experiments/tables/) and write results/")
     s.add_argument("table", nargs="?", default=None, help="table name; omitted: every table")
     s.add_argument("overrides", nargs="*", help="extra config overrides for every run")
@@ -354,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _setup_logging(args.verbose, args.command in ("fit", "test", "extract", "attribute", "reproduce", "sweep"))
+    _setup_logging(args.verbose, args.command in ("fit", "test", "predict", "extract", "attribute", "reproduce", "sweep"))
     from wsi_lightning.errors import WSIError
 
     try:

@@ -330,7 +330,7 @@ def patient_split(
     if "split" in df.columns and (df["split"] != "").all():
         out = {s: sorted(df.loc[df["split"] == s, "slide_id"]) for s in SPLITS}
         how = "its split column"
-        if not out["val"] and val > 0:  # e.g. official train/test only: carve val out of train
+        if not out["val"] and val > 0 and out["train"]:  # e.g. official train/test only: carve val out of train
             carved = _stratified_case_split(df[df["split"] == "train"], m.targets[0], val, 0.0, seed)
             out["train"], out["val"] = carved["train"], carved["val"]
             how += f" (data.split.val={val:g} of train carved out as val, data.split.seed={seed})"

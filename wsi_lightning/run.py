@@ -319,3 +319,151 @@ def attribute(run_dir: str | Path, ckpt: str = "best", options: dict | None = No
         _write_json(mpath, payload)
     report_metrics(RunResult(run_dir, metrics, str(ckpt_path)))
     return metrics
+
+
+# ----------------------------------------------------------------------------- predict
+PREDICT_KEYS = ("trainer.devices", "trainer.accelerator", "trainer.strategy", "trainer.num_nodes",
+                "trainer.precision", "callbacks", "features.skip_errors")
+
+
+def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = None, ckpt: str = "best",
+            overrides: list[str] | None = None, skip_errors: bool = False) -> RunResult:
+    """Run a trained run on new slides (``wsi predict RUN_DIR MANIFEST``).
+
+    The manifest needs ``slide_id``, ``case_id`` and ``path``; the label column is optional
+    (filled in: metrics are computed over the labelled slides). Slides are tiled and their
+    features extracted into the store the model was trained on (slides already there are
+    reused), then the checkpoint's model (and its feature statistics) scores them. Writes, into
+    ``out`` (default ``<run_dir>/predict-<manifest name>``):
+
+        predictions.csv        slide_id, label, pred, prob_<class>, ..., checkpoint
+        attention/             attention.csv and heat-maps (the attention logger; see there)
+        config.resolved.yaml   the run's config with this manifest and store
+        metrics.json           metrics over the labelled slides (empty without labels)
+
+    Resumable: slides already in ``out/predictions.csv`` from the same checkpoint are skipped
+    (and kept), features already in the store are not extracted again. ``skip_errors``: a slide
+    that cannot be read is recorded in the store's ``errors.csv`` and left out; the log's last
+    line counts them. Overrides may change only how the run executes (threads, workers,
+    devices, precision, callbacks), never the model or the data.
+    """
+    from wsi_lightning.config import check_keys, is_execution_key, parse_overrides, to_dict
+    from wsi_lightning.outputs import ATTENTION
+
+    run_dir, manifest = Path(run_dir), Path(manifest).expanduser().resolve()
+    cfg_path = run_dir / "config.resolved.yaml"
+    if not cfg_path.exists():
+        raise WSIError(f"{run_dir} is not a run folder (no config.resolved.yaml); pass runs/<exp>/<timestamp>")
+    if not manifest.is_file():
+        raise WSIError(f"wsi predict: manifest {manifest} not found")
+    cfg = OmegaConf.load(cfg_path)
+    cls, _ = build.method_kwargs(cfg)
+    if issubclass(cls, SlideEstimator):
+        raise WSIError(f"wsi predict: '{cfg.method.name}' is a two-step scikit-learn baseline that keeps "
+                       "no checkpoint; predict with a Lightning method's run")
+    ckpt_path = checkpoint_path(run_dir, ckpt).resolve()
+    out = Path(out) if out else run_dir / f"predict-{manifest.stem}"
+    cli = parse_overrides(overrides)
+    refused = [k for k in _dotted(to_dict(cli)) if not is_execution_key(k)
+               and not any(k == p or k.startswith(f"{p}.") for p in PREDICT_KEYS)]
+    if refused:
+        raise WSIError(f"wsi predict: override(s) {refused} change the model or the data; predict keeps "
+                       "the run's config. Allowed: threads, workers, devices, precision, callbacks")
+    check_keys(cfg, cli, "command-line overrides")
+    # the store the model was trained on (new slides are added to it) and the demo's folder
+    layout = build.datamodule_class(cfg, build.method_input_kind(cfg)).layout
+    data: dict[str, Any] = {"manifest": str(manifest), "is_demo": False}
+    if layout is not None:
+        data["store"] = str(build.store_path(cfg))
+    if cfg.data.is_demo:
+        data["root"] = str(build.demo_dir(cfg))
+    pcfg = OmegaConf.merge(cfg, {"data": data}, cli)
+    if skip_errors:
+        pcfg.features.skip_errors = True
+    if not any(c.get("name") == "attention_logger" for c in to_dict(pcfg.callbacks)):
+        pcfg.callbacks = [*to_dict(pcfg.callbacks), {"name": "attention_logger"}]
+    out.mkdir(parents=True, exist_ok=True)
+    pred_csv, att_csv = out / "predictions.csv", out / ATTENTION
+    done, done_att = _previous_predictions(pred_csv, att_csv, ckpt_path)
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", predictions_dir=str(out), weights_only=True)
+    classes = {t: list(c) for t, c in model.class_names.items()}
+    all_ids = list(build.build_datamodule(pcfg, predict=classes).manifest.df["slide_id"])
+    todo = [s for s in all_ids if s not in set(done["slide_id"])] if done is not None else all_ids
+    if not todo:
+        log.info("wsi predict: all %d slides of %s are already in %s (checkpoint %s)", len(all_ids),
+                 manifest, pred_csv, ckpt_path)
+        return RunResult(out, {}, str(ckpt_path))
+    if done is not None:
+        log.info("wsi predict: %d of %d slides already predicted in %s; predicting the other %d",
+                 len(all_ids) - len(todo), len(all_ids), pred_csv, len(todo))
+    dm = build.build_datamodule(pcfg, predict=classes, slides=todo)
+    save_resolved(pcfg, out)
+    threads = torch.get_num_threads()
+    if pcfg.trainer.num_threads:
+        torch.set_num_threads(int(pcfg.trainer.num_threads))
+    try:
+        dm.prepare_data()
+        restore_datamodule(dm, ckpt_path)
+        dm.setup("test")
+        trainer = build.build_trainer(pcfg, out, logger=False)
+        trainer.test(model, datamodule=dm, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    left_out = getattr(dm, "left_out", {}).get("test", [])
+    metrics = {**_metrics(trainer, "test/"), **_callback_metrics(trainer)}
+    if not any(k.endswith("/auroc") for k in metrics):  # no labelled slide: a loss of nothing
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("test/loss")}
+    result = RunResult(out, {**metrics, "test/slides_left_out": float(len(left_out))}, str(ckpt_path))
+    if trainer.is_global_zero:
+        _merge_predictions(out, pred_csv, att_csv, done, done_att, ckpt_path)
+        _write_metrics(result, pcfg)
+        n = len(todo) - len(left_out)
+        if left_out:
+            log.warning("wsi predict: %d of %d slides failed and are not in %s (see %s): %s",
+                        len(left_out), len(all_ids), pred_csv, Path(pcfg.data.store) / "errors.csv",
+                        left_out[:10])
+        log.info("wsi predict: %d slides predicted this pass, %d failed; %s holds %d", n, len(left_out),
+                 pred_csv, n + (0 if done is None else len(done)))
+    return result
+
+
+def _dotted(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict):
+        return [k for name, v in d.items() for k in _dotted(v, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")]
+
+
+def _previous_predictions(pred_csv: Path, att_csv: Path, ckpt_path: Path) -> tuple[Any, Any]:
+    """The rows of an earlier ``wsi predict`` into the same folder with the same checkpoint
+    (kept; their slides are not predicted again), or (None, None)."""
+    import pandas as pd
+
+    if not pred_csv.is_file():
+        return None, None
+    done = pd.read_csv(pred_csv, dtype={"slide_id": str})
+    if set(done.get("checkpoint", pd.Series(dtype=str)).astype(str)) != {str(ckpt_path)}:
+        log.warning("wsi predict: %s came from another checkpoint; predicting every slide again", pred_csv)
+        return None, None
+    att = pd.read_csv(att_csv, dtype={"slide_id": str, "map": str}) if att_csv.is_file() else None
+    return done, att
+
+
+def _merge_predictions(out: Path, pred_csv: Path, att_csv: Path, done: Any, done_att: Any,
+                       ckpt_path: Path) -> None:
+    """``test_predictions.csv`` of this pass -> ``predictions.csv`` (with the checkpoint and the
+    earlier passes' rows), and the earlier passes' attention rows back into ``attention.csv``."""
+    import pandas as pd
+
+    new_csv = out / "test_predictions.csv"
+    new = pd.read_csv(new_csv, dtype={"slide_id": str}) if new_csv.is_file() else pd.DataFrame()
+    new["checkpoint"] = str(ckpt_path)
+    rows = new if done is None else pd.concat([done, new], ignore_index=True)
+    tmp = pred_csv.with_name(f".{pred_csv.name}.{os.getpid()}.tmp")
+    rows.sort_values("slide_id").to_csv(tmp, index=False)
+    os.replace(tmp, pred_csv)
+    new_csv.unlink(missing_ok=True)
+    if done_att is not None and att_csv.is_file():
+        att = pd.concat([done_att, pd.read_csv(att_csv, dtype={"slide_id": str, "map": str})], ignore_index=True)
+        tmp = att_csv.with_name(f".{att_csv.name}.{os.getpid()}.tmp")
+        att.to_csv(tmp, index=False)
+        os.replace(tmp, att_csv)

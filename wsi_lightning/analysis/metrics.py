@@ -2,7 +2,8 @@
 
 Every target is a softmax head with C >= 2 classes. Metric keys are ``{stage}/{metric}`` for
 a single target and ``{stage}/{tag}/{metric}`` plus the tag average ``{stage}/{metric}`` for
-multi-tag tasks.
+multi-tag tasks. A target with no labelled slide in the epoch (every rank together), e.g. slides
+to predict without labels, gives no metric keys.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class TaskMetrics(nn.Module):
         super().__init__()
         self.targets = list(num_classes)
         self.cols = nn.ModuleDict({t: make_metrics(c) for t, c in num_classes.items()})
+        self.seen = dict.fromkeys(self.targets, 0)  # labelled slides this epoch, this rank
 
     def update(self, probs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> None:
         """probs: {target: (B, C)}; labels: {target: (B,)}, entries < 0 (unknown) are skipped."""
@@ -64,6 +66,7 @@ class TaskMetrics(nn.Module):
             keep = y >= 0
             if not bool(keep.any()):
                 continue
+            self.seen[t] += int(keep.sum())
             p = probs[t][keep]
             if p.shape[1] == 2:
                 self.cols[t]["auroc"].update(p[:, 1], y[keep])
@@ -77,7 +80,10 @@ class TaskMetrics(nn.Module):
     def compute(self, stage: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         per_tag: dict[str, list[torch.Tensor]] = {m: [] for m in METRIC_NAMES}
+        seen = self._seen_everywhere()
         for t in self.targets:
+            if not seen[t]:
+                continue
             vals = self.cols[t].compute()
             for m, v in vals.items():
                 per_tag[m].append(v)
@@ -88,6 +94,17 @@ class TaskMetrics(nn.Module):
                 out[f"{stage}/{m}"] = torch.stack([v.float() for v in vs]).mean()
         return out
 
+    def _seen_everywhere(self) -> dict[str, int]:
+        """Labelled slides per target over every rank (every rank must call this)."""
+        import torch.distributed as dist
+
+        counts = torch.tensor([self.seen[t] for t in self.targets], dtype=torch.long)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            counts = counts.to("cuda" if dist.get_backend() == "nccl" else "cpu")  # nccl: this rank's GPU
+            dist.all_reduce(counts)
+        return dict(zip(self.targets, counts.tolist(), strict=True))
+
     def reset(self) -> None:
         for c in self.cols.values():
             c.reset()
+        self.seen = dict.fromkeys(self.targets, 0)

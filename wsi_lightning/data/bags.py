@@ -340,9 +340,13 @@ class BagDataModule(SplitDataModule):
                             "(metrics.json records test/slides_left_out)", len(self.left_out["test"]),
                             len(self.splits["test"]))
             self.splits = {k: [i for i in v if i in available] for k, v in self.splits.items()}
-        if not self.splits["train"]:
+        if not self.splits["train"] and stage in (None, "fit"):
             raise StoreError(f"feature store {self.store.root}: no training slide has features; "
                              "run `wsi extract <manifest>` first")
+        if self.standardize and self.scaler is None and not self.splits["train"]:
+            raise StoreError("data.standardize=true but there is no training slide to fit the feature "
+                             "statistics on and none were restored from a checkpoint (run.restore_datamodule); "
+                             "test or predict from a checkpoint of a run trained with this version")
         labels = self.manifest.labels_by_slide()
         if self.standardize and self.scaler is None:  # restored by load_state_dict: kept as trained
             self.scaler = FeatureScaler.fit(self.store, self.splits["train"], seed=int(s.get("seed", 0)))

@@ -785,7 +785,7 @@ class SlideSamplingDataModule(SplitDataModule):
         if self.datasets:
             return
         self.splits = self.split()
-        if not self.splits["train"]:
+        if not self.splits["train"] and stage in (None, "fit"):
             raise ConfigError(f"manifest {self.manifest.source}: the split leaves no training "
                               f"slide ({ {k: len(v) for k, v in self.splits.items()} }); "
                               "lower data.split.val / data.split.test or add slides")
