@@ -46,6 +46,7 @@ def test_table_end_to_end_and_resume(bag_data: Path, tmp_path: Path):
     assert len(runs) == 4
     resolved = (runs[0].parent.parent.parent / "Mean_pool" / "seed0" / "config.resolved.yaml").read_text()
     assert "embed_dim: 16" in resolved  # the row's overrides for this dataset come after its own
+    assert "group: table/tiny/tiny" in resolved and "job_type: Mean pool" in resolved  # one W&B group a table
     auc = csv[(csv.row == "ABMIL") & (csv.column == "auc")].iloc[0]
     vals = [float(v) for v in auc["values"].split()]
     assert auc["mean"] == pytest.approx(sum(vals) / 2)

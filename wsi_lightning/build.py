@@ -280,10 +280,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     if w.enabled and w.mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
+        online = w.mode == "online"
         loggers.append(WandbLogger(project=w.project, entity=w.entity, name=f"{cfg.name}/{run_dir.name}",
-                                   save_dir=str(run_dir), offline=w.mode == "offline",
+                                   save_dir=str(run_dir), offline=not online,
                                    tags=list(w.tags), config=to_dict(cfg), id=wandb_run_id(run_dir),
-                                   resume="allow"))
+                                   resume="allow", group=w.get("group"), job_type=w.get("job_type"),
+                                   # W&B artifacts need a server: offline runs keep checkpoints on disk
+                                   log_model=bool(w.get("log_checkpoints", False)) and online))
     return loggers
 
 

@@ -11,6 +11,7 @@ each command so that ``wsi --help`` answers at once.
     wsi test RUN_DIR [--ckpt best|last|PATH]
     wsi predict RUN_DIR MANIFEST [--out DIR] [--ckpt best|last|PATH] [--skip-errors] [key=value ...]
     wsi attribute RUN_DIR [option=value ...]
+    wsi runs [DIR] [--csv FILE]
     wsi manifest camelyon16 ROOT [--out FILE]
     wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2]
     wsi sweep NAME [--count N] [--offline|--online] [key=value ...]
@@ -216,6 +217,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    import os
+
+    from wsi_lightning.run_index import index_runs, print_runs
+
+    df = index_runs(args.dir)
+    out = Path(args.csv) if args.csv else Path(args.dir) / "runs.csv"
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    print_runs(df, f"{len(df)} runs under {args.dir}")
+    counts = df["status"].value_counts().to_dict()
+    log.info("%s; written to %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no runs", out)
+    return 0
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     from wsi_lightning import run
     from wsi_lightning.config import parse_overrides, to_dict
@@ -329,6 +346,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-errors", action="store_true",
                    help="leave out slides that cannot be read (recorded in the store's errors.csv)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("runs", help="table of the runs under a folder (status, key metrics), also as CSV")
+    s.add_argument("dir", nargs="?", default="runs", help="runs folder (default: runs)")
+    s.add_argument("--csv", default=None, help="where to write the CSV (default DIR/runs.csv)")
+    s.set_defaults(func=cmd_runs)
 
     s = sub.add_parser("reproduce", help="run a paper table spec (experiments/tables/) and write results/")
     s.add_argument("table", nargs="?", default=None, help="table name; omitted: every table")

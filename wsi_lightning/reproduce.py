@@ -162,6 +162,10 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
             if dataset in (spec.get("split_per_seed") or []):  # one train/val split per seed
                 over.append(f"data.split.seed={seed}")
             cfg = config.load(row["experiment"], over, demo=(dataset == "demo"))
+            # one W&B group per table and dataset; the row is the job type, the seed the run's name
+            w = cfg.logger.wandb
+            w.group = w.group or f"table/{spec['name']}/{dataset}"
+            w.job_type = w.job_type or str(row["name"])
             done = _complete(run_dir, metrics, cfg)
             if done is None and _resumable(run_dir, cfg):
                 log.info("table %s: %s, seed %d: resuming the interrupted run %s", spec["name"], row["name"], seed, run_dir)

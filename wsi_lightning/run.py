@@ -28,6 +28,7 @@ from wsi_lightning.methods.base import SlideEstimator
 
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "WSI_RUN_DIR"
+FAILED = "failed.json"  # written into a run folder whose fit raised
 
 
 @dataclass
@@ -124,8 +125,19 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
     ``resume``: continue the fit in ``run_dir`` from its ``checkpoints/last.ckpt`` (see
     :func:`resume`).
     """
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    (run_dir / FAILED).unlink(missing_ok=True)  # a resumed or redone run starts afresh
+    try:
+        return _fit(cfg, run_dir, extra_callbacks, resume)
+    except Exception as err:  # `wsi runs` reports it as failed (an interrupt leaves it interrupted)
+        if not _is_ddp_child() and not (run_dir / "metrics.json").exists():  # (a finished run stays so)
+            _write_json(run_dir / FAILED, {"error": type(err).__name__, "message": str(err)[:2000],
+                                           "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        raise
+
+
+def _fit(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback] | None, resume: bool) -> RunResult:
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if resume and last.exists() else None
     if resume:

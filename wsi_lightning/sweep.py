@@ -351,6 +351,8 @@ def run_trial(sweep_cfg: dict, params: dict[str, Any], trial_name: str, sweep_di
     """
     over = [*sweep_cfg.get("overrides", []), *(overrides or []), *param_overrides(params)]
     cfg = config.load(sweep_cfg["experiment"], over)
+    w = cfg.logger.wandb  # one W&B group per sweep, unless the sweep names its own
+    w.group, w.job_type = w.group or f"sweep/{sweep_dir.parent.name}/{sweep_dir.name}", w.job_type or "trial"
     monitor = TrialMonitor(trial_name, wandb_part(sweep_cfg), previous)
     res = run.fit(cfg, run_dir=sweep_dir / trial_name, extra_callbacks=[monitor], resume=resume)
     m = sweep_cfg["metric"]
