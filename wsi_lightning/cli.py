@@ -4,7 +4,7 @@ each command so that ``wsi --help`` answers at once.
     wsi demo-data [--out DIR] [--n-slides N] [--seed S] [--task lesion|multiscale|multitag|zoom]
     wsi info SLIDE [--mpp MPP]
     wsi tile MANIFEST [--out DIR] [key=value ...] [--skip-errors]
-    wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors]
+    wsi extract MANIFEST [--store DIR] [key=value ...] [--skip-errors] [--shard I/N] [--check]
     wsi import-features FILES_OR_RESULTS_DIR... --store DIR [--format auto|clam_h5|trident_h5|clam_pt] [--coords-dir DIR]
     wsi export-features --store DIR --out DIR [--format clam|trident] [--encoder NAME] [--slides a,b]
     wsi fit EXP [key=value ...] [--resume RUN_DIR]
@@ -154,15 +154,63 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = _cfg_for_manifest(args)
     m = load_manifest(args.manifest, cfg.data.label_col if cfg.data.task != "multitag" else list(cfg.data.tag_cols),
-                      check_files=not args.skip_errors)
+                      check_files=not (args.skip_errors or args.check))
     store = FeatureStore(build.store_path(cfg))
-    report = ErrorReport(store.root / "errors.csv")
+    if args.check:
+        return _check_store(m, store)
+    name = "errors.csv"
+    if args.shard:
+        i, n = _parse_shard(args.shard)
+        ids = sorted(m.df["slide_id"])[i::n]  # every n-th slide: shards of a job array never overlap
+        m.df = m.df[m.df["slide_id"].isin(set(ids))].reset_index(drop=True)
+        name = f"errors.shard{i}of{n}.csv"  # one report per shard: shards never overwrite each other's
+        log.info("shard %d of %d: %d slides", i, n, len(m.df))
+    report = ErrorReport(store.root / name)
     done = extract_features(m, store, to_dict(cfg.tiling), to_dict(cfg.features), skip_errors=args.skip_errors,
                             report=report)
     failed = f"; {len(report.rows)} slide(s) failed, listed in {report.path}" if report.rows else "; none failed"
     log.info("extracted %d slide(s) into %s (%d complete in total)%s", len(done), store.root,
              len(store.complete_slides()), failed)
     return 0
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (0 <= I < N, e.g. ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
+    from wsi_lightning.errors import ArgumentError
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ArgumentError(f"--shard {text!r}; expected I/N with integers, e.g. --shard 0/8") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ArgumentError(f"--shard {text}; expected 0 <= I < N (shards are numbered from 0)")
+    return i, n
+
+
+def _check_store(m, store) -> int:
+    """``wsi extract --check``: the manifest's slides the store lacks, with their last recorded
+    error (from every shard's report); exit 1 when any is missing."""
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    complete = set(store.complete_slides())
+    missing = [s for s in m.df["slide_id"] if s not in complete]
+    errors: dict[str, str] = {}
+    for f in sorted(store.root.glob("errors*.csv")):
+        for _, r in pd.read_csv(f, dtype=str).fillna("").iterrows():
+            errors[r["slide_id"]] = f"{r['stage']}: {r['error']} ({f.name})"
+    if missing:
+        table = Table(title=f"{len(missing)} of {len(m.df)} slides missing from {store.root}")
+        table.add_column("slide_id")
+        table.add_column("status")
+        for sid in missing:
+            table.add_row(sid, f"failed - {errors[sid]}" if sid in errors else "not extracted yet")
+        Console(width=160).print(table)
+    failed = sum(s in errors for s in missing)
+    log.info("%s: %d of %d slides complete, %d failed, %d not extracted yet", store.root,
+             len(m.df) - len(missing), len(m.df), failed, len(missing) - failed)
+    return 1 if missing else 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -305,6 +353,11 @@ def make_parser() -> argparse.ArgumentParser:
             s.add_argument("--out", default=None, help="tile cache folder (default <data.root>/tiles)")
         else:
             s.add_argument("--store", default=None, help="feature store folder (default from the config)")
+            s.add_argument("--shard", default=None, metavar="I/N",
+                           help="extract only every N-th slide from the I-th (0-based; for job arrays "
+                                "writing into one store)")
+            s.add_argument("--check", action="store_true",
+                           help="extract nothing: list the slides the store lacks and why; exit 1 if any")
         s.set_defaults(func=fn)
 
     s = sub.add_parser("import-features", help="import CLAM/TRIDENT .h5 or CLAM .pt bags into a store")
