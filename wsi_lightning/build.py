@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import inspect
 import logging
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def build_datamodule(cfg: DictConfig, predict: dict[str, list[str]] | None = Non
     ``predict``: the trained model's ``{target: class names}``; the manifest's slides are then
     slides to predict (labels optional, every slide in ``test``: ``wsi predict``), restricted
     to ``slides`` when given."""
-    from wsi_lightning.features.extract import expected_provenance, extract_features
+    from wsi_lightning.features.extract import expected_provenance
     from wsi_lightning.features.store import FeatureStore
     from wsi_lightning.manifest import check_slide_files, load_manifest
 
@@ -143,9 +144,118 @@ def build_datamodule(cfg: DictConfig, predict: dict[str, list[str]] | None = Non
                     "features are extracted on one device (run `wsi extract MANIFEST "
                     "features.devices=N` first to use several)", feats["devices"])
         feats["devices"] = 1
-    prepare = partial(extract_features, manifest, FeatureStore(store), to_dict(cfg.tiling),
+    prepare = partial(extract_missing, manifest, FeatureStore(store), to_dict(cfg.tiling),
                       feats, bool(cfg.features.skip_errors))
     return cls.from_config(cfg, manifest, store, prepare)
+
+
+# ----------------------------------------------------------------------------- multi-process launches
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+               "ROLE_RANK", "ROLE_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+               "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
+               "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NAME", "SLURM_NODEID")
+
+
+def launched() -> tuple[int, int, int] | None:
+    """(global rank, world size, local rank) of a process that torchrun (any ``--nnodes``) or
+    SLURM's ``srun`` (several tasks) started as one of several; None for a plain process
+    (Lightning's own DDP launcher starts its children later, from a plain process)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and int(env.get("WORLD_SIZE", "1")) > 1:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env \
+            and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # Lightning's rule
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return None
+
+
+def launch_group() -> Any:
+    """Under torchrun / SLURM (:func:`launched`), the default process group, set up once here
+    with the backend Lightning would choose (NCCL on GPUs, Gloo on CPUs) so that the processes
+    can agree on a run folder and share extraction before the Trainer exists; Lightning then
+    trains in this group. None for a plain process."""
+    import torch
+    import torch.distributed as dist
+
+    where = launched()
+    if where is None or not dist.is_available():
+        return None
+    if dist.is_initialized():
+        return dist.group.WORLD
+    rank, world, local = where
+    if "MASTER_ADDR" not in os.environ:  # srun: Lightning's SLURM environment knows the main node
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        slurm = SLURMEnvironment()
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm.main_address, str(slurm.main_port)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    from datetime import timedelta
+
+    # extraction of a large cohort happens between two collectives: a generous timeout
+    hours = float(os.environ.get("WSI_DIST_TIMEOUT_HOURS", "12"))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(hours=hours))
+    log.info("process %d of %d (local %d): process group up (%s)", rank, world, local, dist.get_backend())
+    return dist.group.WORLD
+
+
+def global_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+class single_process_env:  # noqa: N801  (a context manager, used as a statement)
+    """Hide the launcher's variables, so that a Trainer made inside (feature extraction on this
+    process's own device) runs as a plain single-device process."""
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.pop(k) for k in LAUNCH_VARS if k in os.environ}
+
+    def __exit__(self, *exc: object) -> None:
+        os.environ.update(self.saved)
+
+
+def extract_missing(manifest: Any, store: Any, tiling: dict, features: dict, skip_errors: bool = False,
+                    report: Any = None) -> list[str]:
+    """``extract_features`` of what the store lacks; under torchrun / SLURM every process takes
+    every W-th slide (whole slides per global rank, one shared store: its writes are atomic and
+    host-aware), on its own device, then all wait for all."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from wsi_lightning.features.extract import ErrorReport, extract_features
+
+    where = launched()
+    if where is None:
+        return extract_features(manifest, store, tiling, features, skip_errors, report=report)
+    launch_group()
+    rank, world, local = where
+    ids = sorted(manifest.df["slide_id"])[rank::world]
+    mine = dataclasses.replace(manifest, df=manifest.df[manifest.df["slide_id"].isin(set(ids))].reset_index(drop=True))
+    feats = dict(features, devices=[local] if _on_gpu(features) else 1)
+    report = report if report is not None else ErrorReport(store.root / f"errors.rank{rank}of{world}.csv")
+    todo = sum(not store.is_complete(s) for s in ids)
+    if todo:
+        log.info("process %d of %d: %d of its %d slides (of %d) to extract", rank, world, todo, len(ids),
+                 len(manifest.df))
+    try:
+        with single_process_env():
+            done = extract_features(mine, store, tiling, feats, skip_errors, report=report)
+    finally:
+        dist.barrier()  # every slide is in the store before any process reads it
+    return done
+
+
+def _on_gpu(features: dict) -> bool:
+    import torch
+
+    return str(features.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------- method

@@ -165,9 +165,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
         m.df = m.df[m.df["slide_id"].isin(set(ids))].reset_index(drop=True)
         name = f"errors.shard{i}of{n}.csv"  # one report per shard: shards never overwrite each other's
         log.info("shard %d of %d: %d slides", i, n, len(m.df))
-    report = ErrorReport(store.root / name)
-    done = extract_features(m, store, to_dict(cfg.tiling), to_dict(cfg.features), skip_errors=args.skip_errors,
-                            report=report)
+    if build.launched() and not args.shard:  # torchrun / srun: whole slides per global rank, one store
+        rank, world, _ = build.launched()
+        report = ErrorReport(store.root / f"errors.rank{rank}of{world}.csv")
+        done = build.extract_missing(m, store, to_dict(cfg.tiling), to_dict(cfg.features), args.skip_errors,
+                                     report=report)
+    else:
+        report = ErrorReport(store.root / name)
+        done = extract_features(m, store, to_dict(cfg.tiling), to_dict(cfg.features), skip_errors=args.skip_errors,
+                                report=report)
     failed = f"; {len(report.rows)} slide(s) failed, listed in {report.path}" if report.rows else "; none failed"
     log.info("extracted %d slide(s) into %s (%d complete in total)%s", len(done), store.root,
              len(store.complete_slides()), failed)

@@ -47,9 +47,21 @@ def _is_ddp_child() -> bool:
 def new_run_dir(cfg: DictConfig) -> Path:
     """``<paths.runs>/<name>/<timestamp>`` (``-1``, ``-2``, ... when taken), created here so that
     two runs started in the same second never share a folder; DDP child processes reuse their
-    parent's folder."""
+    parent's folder, and under torchrun / SLURM every process gets global rank 0's."""
+    from wsi_lightning.build import launch_group
+
+    if launch_group() is not None:  # every process of the job is up: rank 0 names the folder
+        import torch.distributed as dist
+
+        name = [str(_create_run_dir(cfg)) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(name, src=0)
+        return Path(name[0])
     if _is_ddp_child() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
+    return _create_run_dir(cfg)
+
+
+def _create_run_dir(cfg: DictConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.paths.runs) / str(cfg.name)
     base.mkdir(parents=True, exist_ok=True)
@@ -125,12 +137,17 @@ def fit(cfg: DictConfig, run_dir: Path | None = None,
     ``resume``: continue the fit in ``run_dir`` from its ``checkpoints/last.ckpt`` (see
     :func:`resume`).
     """
+    from wsi_lightning.errors import ConfigError
+
+    build.method_kwargs(cfg)  # config errors fail here, before a run folder exists
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     (run_dir / FAILED).unlink(missing_ok=True)  # a resumed or redone run starts afresh
     try:
         return _fit(cfg, run_dir, extra_callbacks, resume)
+    except ConfigError:  # bad input, named on the console: nothing ran
+        raise
     except Exception as err:  # `wsi runs` reports it as failed (an interrupt leaves it interrupted)
-        if not _is_ddp_child() and not (run_dir / "metrics.json").exists():  # (a finished run stays so)
+        if not _is_ddp_child() and build.global_rank() == 0 and not (run_dir / "metrics.json").exists():
             _write_json(run_dir / FAILED, {"error": type(err).__name__, "message": str(err)[:2000],
                                            "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         raise
@@ -168,7 +185,8 @@ def _fit(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback] | Non
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm.setup("fit")
         model = build.build_method(cfg, dm.in_dim, dm.num_classes, dm.class_names, str(run_dir))
-        save_resolved(cfg, run_dir)
+        if build.global_rank() == 0:
+            save_resolved(cfg, run_dir)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         # a resumed fit skips the sanity check: the uninterrupted run did it once, at its start
         trainer = build.build_trainer(cfg, run_dir, **({"num_sanity_val_steps": 0} if ckpt_path else {}))

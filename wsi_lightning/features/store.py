@@ -790,8 +790,9 @@ def _chunk_file(array_dir: Path, encoding: dict[str, Any], ndim: int) -> str | N
 
 
 def _host() -> str:
-    """This machine's name as it appears in temp names: no ``-`` (the field separator)."""
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "unknown"
+    """This machine's name as it appears in temp names: no ``-`` (the field separator).
+    ``WSI_HOST`` overrides it, for machines (containers) that share a host name."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", os.environ.get("WSI_HOST") or socket.gethostname()) or "unknown"
 
 
 def _temp_owner(name: str) -> tuple[str | None, int | None]:
