@@ -94,10 +94,10 @@ def is_detection(feature: dict) -> bool:
     return feature.get("id") in _LEGACY_DETECTION_IDS
 
 
-def _features(gj: object, path: Path) -> list[dict]:
+def _features(gj: object, path: Path, what: str = "annotation") -> list[dict]:
     """The annotation features of any shape QuPath exports: a FeatureCollection, a bare JSON
     array of features ("Export objects as JSON array"), one Feature, or a bare Polygon /
-    MultiPolygon; detections (:func:`is_detection`) are left out."""
+    MultiPolygon; detections (:func:`is_detection`) are left out. ``what`` names the file in errors."""
     if isinstance(gj, list):
         items = gj
     elif isinstance(gj, dict) and gj.get("type") == "FeatureCollection":
@@ -107,13 +107,13 @@ def _features(gj: object, path: Path) -> list[dict]:
     elif isinstance(gj, dict) and gj.get("type") in ("Polygon", "MultiPolygon"):
         items = [{"type": "Feature", "geometry": gj, "properties": {}}]
     else:
-        what = gj.get("type") if isinstance(gj, dict) else type(gj).__name__
-        raise WSIError(f"annotation {path}: not GeoJSON features (top level: {what!r}); expected a "
+        found = gj.get("type") if isinstance(gj, dict) else type(gj).__name__
+        raise WSIError(f"{what} {path}: not GeoJSON features (top level: {found!r}); expected a "
                        "FeatureCollection, a Feature, a JSON array of features (QuPath's export) or a "
                        "Polygon / MultiPolygon, in level-0 pixels")
     bad = [i for i, f in enumerate(items) if not isinstance(f, dict)]
     if bad:
-        raise WSIError(f"annotation {path}: entry {bad[0]} of its features is a "
+        raise WSIError(f"{what} {path}: entry {bad[0]} of its features is a "
                        f"{type(items[bad[0]]).__name__}, not a GeoJSON Feature object; fix or remove the file")
     return [f for f in items if not is_detection(f)]
 
@@ -132,8 +132,13 @@ def read_polygons(path: str | Path) -> list[tuple[str, list[np.ndarray]]]:
         raise WSIError(
             f"annotation {path}: cannot read GeoJSON ({e}); fix or remove the file"
         ) from e
+    return polygons_of(gj, path)
+
+
+def polygons_of(gj: object, path: str | Path, what: str = "annotation") -> list[tuple[str, list[np.ndarray]]]:
+    """:func:`read_polygons` of GeoJSON already parsed (``path`` and ``what`` name it in errors)."""
     out = []
-    for f in _features(gj, path):
+    for f in _features(gj, Path(path), what):
         geom = f.get("geometry") or {}
         polys = (
             [geom["coordinates"]]
