@@ -23,7 +23,7 @@ FeatureCollection (RFC 7946) in level-0 pixels, as QuPath writes and reads it (i
   the slide-level prediction: ``name`` says it, ``measurements`` hold ``prob <class>`` for every
   class and the predicted class index, ``metadata`` the slide id, prediction and label. Without
   the slide file (features imported without slides) the outline is skipped, with one warning,
-  and the tiles are still written.
+  and the tiles are still written (an unreadable slide likewise, warned by name).
 
 Measurement values are finite numbers (JSON has no NaN; a missing value is left out). Our own
 reader (:mod:`wsi_lightning.slides.annotations`) skips the detections and does not take
@@ -208,12 +208,19 @@ def tissue_outline(outputs: RunOutputs, slide_id: str, warned: set[str]) -> Any 
                         slide_id, path or "no path in the manifest")
         return None
     mpp = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
-    with SlideReader(path, mpp=mpp) as reader:
-        tissue = segment_tissue(reader, thumb_mpp=float(outputs.cfg.tiling.thumb_mpp))
-        roi = row.get("roi")
-        if isinstance(roi, str) and roi:
-            tissue = apply_roi(tissue, roi, reader.dimensions, reader.mpp, f"slide '{slide_id}'")
-        return mask_polygons(tissue.mask, tissue.mpp / reader.mpp, simplify=1.0)
+    try:
+        with SlideReader(path, mpp=mpp) as reader:
+            tissue = segment_tissue(reader, thumb_mpp=float(outputs.cfg.tiling.thumb_mpp))
+            roi = row.get("roi")
+            if isinstance(roi, str) and roi:
+                try:
+                    tissue = apply_roi(tissue, roi, reader.dimensions, reader.mpp, f"slide '{slide_id}'")
+                except WSIError as e:  # the ROI changed or went away since the run: outline all tissue
+                    log.warning("export-qupath: %s; the outline of '%s' is all its tissue", e, slide_id)
+            return mask_polygons(tissue.mask, tissue.mpp / reader.mpp, simplify=1.0)
+    except WSIError as e:  # an unreadable slide, or no tissue found: its tiles still go out
+        log.warning("export-qupath: %s; no tissue outline for '%s', its tiles are written", e, slide_id)
+        return None
 
 
 def _check_map(outputs: RunOutputs, map_name: str | None) -> list[str] | None:
