@@ -203,3 +203,15 @@ def test_both_roi_columns_are_refused(slide: Path, tmp_path: Path):
     df.to_csv(path, index=False)
     with pytest.raises(ManifestError, match="both 'roi' and 'tissue_mask' columns"):
         load_manifest(path, check_files=False)
+
+
+def test_on_the_fly_sampling_warns_that_it_ignores_the_roi(slide: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture):
+    from wsi_lightning import build, config
+
+    _geojson(tmp_path / "left.geojson", (_square(0, 0, SIZE / 2, SIZE), None))
+    manifest = _manifest(tmp_path, slide, "left.geojson")
+    cfg = config.load("magnet_3layer", [f"data.manifest={manifest}", "logger.wandb.enabled=false"])
+    with caplog.at_level(logging.WARNING, logger="wsi_lightning.build"):
+        build.build_datamodule(cfg)
+    assert "its roi column restricts tiling only" in caplog.text
