@@ -15,7 +15,7 @@ import shapely
 from PIL import Image
 
 from wsi_lightning.cli import main
-from wsi_lightning.errors import ManifestError
+from wsi_lightning.errors import ManifestError, StoreError
 from wsi_lightning.features.extract import extract_features, plan_manifest
 from wsi_lightning.features.store import FeatureStore
 from wsi_lightning.manifest import load_manifest
@@ -142,6 +142,23 @@ def test_a_changed_roi_retiles_and_reextracts(slide: Path, tmp_path: Path, caplo
     _manifest(tmp_path, slide, None)  # ROI removed: every tissue tile again
     assert sorted(extract_features(load_manifest(manifest), store, TILING, FEATS)) == ["s_a", "s_b"]
     assert store.num_instances("s_b") == 48 and "roi" not in store.attrs("s_b")
+
+
+def test_a_new_roi_that_fails_never_leaves_the_old_features_in_use(slide: Path, tmp_path: Path):
+    """With skip_errors a slide whose new ROI cannot be tiled would keep its old-ROI features in
+    the store (and train on them): refused, naming the slide; the old ROI back extracts nothing."""
+    roi = _geojson(tmp_path / "roi.geojson", (_square(0, 0, SIZE / 2, SIZE), None))
+    manifest = _manifest(tmp_path, slide, roi.name)
+    store = FeatureStore(tmp_path / "store")
+    extract_features(load_manifest(manifest), store, TILING, FEATS)
+    good = roi.read_text()
+    roi.write_text("{ not json")
+    with pytest.raises(StoreError, match=r"\['s_a', 's_b'\] have a new roi that could not be tiled"):
+        extract_features(load_manifest(manifest), store, TILING, FEATS, skip_errors=True)
+    errors = pd.read_csv(tmp_path / "store" / "errors.csv")
+    assert sorted(errors["slide_id"]) == ["s_a", "s_b"] and errors["error"].str.contains("cannot read GeoJSON").all()
+    roi.write_text(good)
+    assert extract_features(load_manifest(manifest), store, TILING, FEATS) == []
 
 
 # ----------------------------------------------------------------------------- the rasteriser

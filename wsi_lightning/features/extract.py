@@ -202,7 +202,11 @@ def _roi_changed(manifest: Manifest, store: FeatureStore) -> list[str]:
         if not store.is_complete(sid):
             continue
         attrs = store.attrs(sid)
-        now = roi_record(row, f"manifest {manifest.source} row {int(i) + 1}: slide '{sid}'")
+        try:
+            now = roi_record(row, f"manifest {manifest.source} row {int(i) + 1}: slide '{sid}'")
+        except WSIError:  # a missing or unreadable ROI: tiling reports it (or skips it, skip_errors)
+            out.append(sid)
+            continue
         if not (isinstance(attrs.get("extraction"), dict) and "tiling" in attrs["extraction"]):
             if now is not None:
                 imported.append(sid)
@@ -216,6 +220,18 @@ def _roi_changed(manifest: Manifest, store: FeatureStore) -> list[str]:
         log.warning("%d imported slide(s) have an roi in %s (%s...), but their features were made elsewhere: "
                     "the roi is not applied to them", len(imported), manifest.source, imported[0])
     return out
+
+
+def _refuse_stale(changed: list[str], plans: list[TilePlan], store: FeatureStore, report: ErrorReport) -> None:
+    """Slides whose ROI changed but could not be tiled again (``skip_errors``) keep the features of
+    their old ROI in the store, which training would use: refused, naming them."""
+    stale = sorted(set(changed) - {p.slide_id for p in plans})
+    if stale:
+        raise StoreError(
+            f"feature store {store.root}: slide(s) {stale} have a new roi that could not be tiled (see "
+            f"{report.path}), and the store still holds their features made with the old one, which "
+            f"training would use. Fix the roi (or restore the old one), or delete {store.path(stale[0])}"
+            f"{' and the others' if len(stale) > 1 else ''} to leave the slide(s) out")
 
 
 class ErrorReport:
@@ -474,7 +490,8 @@ def extract_features(
     from wsi_lightning.features.backbones import build_backbone
 
     store.clean_partial()
-    todo = [s for s in manifest.df["slide_id"] if not store.is_complete(s)] + _roi_changed(manifest, store)
+    changed = _roi_changed(manifest, store)
+    todo = [s for s in manifest.df["slide_id"] if not store.is_complete(s)] + changed
     if not todo:
         return []
     store.check_provenance(expected_provenance(tiling, features), adding=True)  # before any tiling
@@ -482,6 +499,7 @@ def extract_features(
     log.info("feature store %s: %d of %d slides to extract", store.root, len(todo), len(manifest.df))
     report = report if report is not None else ErrorReport(store.root / "errors.csv")
     plans, _ = plan_manifest(manifest, tiling, tiles_dir, skip_errors, slide_ids=todo, report=report)
+    _refuse_stale(changed, plans, store, report)
     if not plans:
         return []
     backbone = build_backbone(str(features["backbone"]), pretrained=bool(features.get("pretrained", False)),
