@@ -129,6 +129,9 @@ def build_datamodule(cfg: DictConfig, predict: dict[str, list[str]] | None = Non
     cls = datamodule_class(cfg, kind)
     if cls.layout is None:  # slides read on the fly: no tiling, no feature store
         check_slide_files(manifest, step="on-the-fly slide sampling")
+        if "roi" in manifest.df.columns and (manifest.df["roi"] != "").any():
+            log.warning("manifest %s: its roi column restricts tiling only; %s reads slides on the fly "
+                        "and samples all of their tissue", manifest.source, cls.__name__)
         return cls.from_config(cfg, manifest, kind, demo_dir(cfg) if cfg.data.is_demo else Path(cfg.data.root))
     store = store_path(cfg)
     # a store made with another backbone / weights / tiling is refused, not silently reused

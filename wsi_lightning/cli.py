@@ -12,6 +12,7 @@ each command so that ``wsi --help`` answers at once.
     wsi predict RUN_DIR MANIFEST [--out DIR] [--ckpt best|last|PATH] [--skip-errors] [key=value ...]
     wsi attribute RUN_DIR [option=value ...]
     wsi runs [DIR] [--csv FILE]
+    wsi export-qupath FOLDER [--out DIR] [--map NAME]
     wsi manifest camelyon16 ROOT [--out FILE]
     wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2]
     wsi sweep NAME [--count N] [--offline|--online] [key=value ...]
@@ -295,6 +296,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_qupath(args: argparse.Namespace) -> int:
+    from wsi_lightning.qupath import export_qupath
+
+    export_qupath(args.folder, out=args.out, map_name=args.map)
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from wsi_lightning.data.camelyon16 import build_camelyon16_manifest
 
@@ -442,6 +450,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="FeatureAttribution options, e.g. top_features=7 tile_rule=overlap")
     s.add_argument("--ckpt", default="best", help="best (default), last, or a .ckpt file")
     s.set_defaults(func=cmd_attribute)
+
+    s = sub.add_parser("export-qupath", help="tile maps + slide predictions of a run as QuPath GeoJSON "
+                       "(File > Import objects), one file per slide")
+    s.add_argument("folder", help="a fit run folder (runs/<exp>/<timestamp>) or a wsi predict output folder")
+    s.add_argument("--out", default=None, help="output folder (default FOLDER/qupath)")
+    s.add_argument("--map", default=None, help="export one attention map only (a value of attention.csv's "
+                   "map column: a head 0..H-1, a HAG-MIL level name, ...)")
+    s.set_defaults(func=cmd_export_qupath)
     return p
 
 

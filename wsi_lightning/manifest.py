@@ -10,6 +10,17 @@ they must be safe ones (:func:`wsi_lightning.ids.safe_slide_id`). A single label
 filled in on every row; multi-tag columns may be empty where a tag is unknown (class index -1,
 ignored by the loss and the metrics). Row numbers in errors count data rows from 1 (the header
 is not a row).
+
+Optional ``roi`` (alias ``tissue_mask``; one of the two, not both): a region of interest that
+restricts tiling, as a path relative to the manifest's folder (or absolute); an empty cell tiles
+all the tissue. It is a GeoJSON file drawn in QuPath (annotations in level-0 pixels, any export
+shape :mod:`wsi_lightning.slides.annotations` reads; ``Exclusion`` polygons are cut out) or a
+mask image (``.png``, ``.tif``, ``.tiff``; nonzero = inside) covering the whole slide at any
+downsample. Tiles are kept where their tissue inside the region covers ``tiling.min_tissue`` of
+them (:mod:`wsi_lightning.slides.regions`). The file's content is part of the tile cache key and
+recorded in the feature store (``roi`` attribute), so a changed region is tiled and extracted
+again. Here a file with another suffix, or (with ``check_files``) a missing file, is an error
+naming the row; an unreadable file or one without a polygon fails when the slide is tiled.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from wsi_lightning.ids import safe_slide_id
 
 REQUIRED = ("slide_id", "case_id")  # ``path`` too, for any step that reads pixels
 SPLITS = ("train", "val", "test")
+ROI_ALIASES = ("roi", "tissue_mask")  # the region-of-interest column and its other name
+ROI_SUFFIXES = (".geojson", ".json", ".png", ".tif", ".tiff")  # slides.regions reads these
 
 
 @dataclass
@@ -35,7 +48,8 @@ class Manifest:
 
     Attributes:
         df: one row per slide; ``path`` absolute ("" where the manifest gives none); label columns as strings ("" where a multi-tag
-            label is unknown); ``mpp`` float or NaN (NaN: the slide's own).
+            label is unknown); ``mpp`` float or NaN (NaN: the slide's own); ``roi`` absolute
+            ("" where none) when the manifest has a ``roi`` / ``tissue_mask`` column.
         targets: label columns (one for binary / multiclass, several for multi-tag).
         classes: {target: ordered class names}.
         source: the CSV file.
@@ -152,6 +166,7 @@ def load_manifest(
         df["path"] = ""
     df["path"] = [_slide_path(p, path.parent) for p in df["path"]]
     df["mpp"] = _parse_mpp(df, path) if "mpp" in df.columns else np.nan
+    _parse_roi(df, path)
     if "split" in df.columns:
         df["split"] = df["split"].map(lambda v: "" if pd.isna(v) else str(v).strip().lower())
         for i, v in enumerate(df["split"], start=1):
@@ -166,6 +181,7 @@ def load_manifest(
         _check_trained_classes(m, train, "its split column")
     if check_files:
         check_slide_files(m)
+        check_roi_files(m)
     return m
 
 
@@ -242,6 +258,36 @@ def _parse_mpp(df: pd.DataFrame, path: Path) -> pd.Series:
             "or an empty cell to use the slide's own mpp"
         )
     return num
+
+
+def _parse_roi(df: pd.DataFrame, path: Path) -> None:
+    """The ``roi`` column (or its alias ``tissue_mask``, renamed ``roi``) as absolute paths, ""
+    where empty; a suffix :mod:`wsi_lightning.slides.regions` cannot read is an error naming the row."""
+    given = [c for c in ROI_ALIASES if c in df.columns]
+    if len(given) > 1:
+        raise ManifestError(f"manifest {path}: both 'roi' and 'tissue_mask' columns; they are the same "
+                            "column (the region that restricts tiling): keep one")
+    if not given:
+        return
+    df["roi"] = [_slide_path(p, path.parent) for p in df.pop(given[0])]
+    for i, (sid, roi) in enumerate(zip(df["slide_id"], df["roi"], strict=True), start=1):
+        if roi and Path(roi).suffix.lower() not in ROI_SUFFIXES:
+            raise ManifestError(
+                f"manifest {path} row {i}: slide '{sid}' has {given[0]} {roi} (suffix "
+                f"{Path(roi).suffix or 'none'!r}); expected a QuPath GeoJSON (.geojson, .json) or a mask "
+                "image (.png, .tif, .tiff; nonzero = inside) covering the whole slide")
+
+
+def check_roi_files(m: Manifest) -> None:
+    """Fail on the first row whose ``roi`` file is given but does not exist."""
+    if "roi" not in m.df.columns:
+        return
+    for i, (sid, roi) in enumerate(zip(m.df["slide_id"], m.df["roi"], strict=True), start=1):
+        if roi and not Path(roi).is_file():
+            raise ManifestError(
+                f"manifest {m.source} row {i}: slide '{sid}' roi file {roi} does not exist; fix the "
+                "'roi' column (relative paths are relative to the manifest's folder) or empty the cell "
+                "to tile all the tissue")
 
 
 def _check_filled(df: pd.DataFrame, col: str, path: Path) -> None:

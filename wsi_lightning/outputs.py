@@ -28,6 +28,7 @@ from wsi_lightning.manifest import Manifest
 
 PREDICTIONS = ("predictions.csv", "test_predictions.csv")  # predict folder first
 ATTENTION = Path("attention") / "attention.csv"
+ATTRIBUTION = Path("attribution") / "tiles.csv"  # slide_id, tile, x, y, gt, H, H_oriented, tile_score
 
 
 @dataclass
@@ -42,6 +43,8 @@ class RunOutputs:
         predictions: one row per slide (``slide_id``, ``pred``, ``prob_<class>``, ...).
         attention: one row per (slide, map, tile), or None when the run logged no maps.
         class_names: {target: class names}, in the model's output order.
+        attribution: feature attribution per tile (``attribution/tiles.csv``: ``slide_id, tile,
+            x, y, gt, H, H_oriented, tile_score``), or None when it was not run.
     """
 
     folder: Path
@@ -51,6 +54,7 @@ class RunOutputs:
     predictions: pd.DataFrame
     attention: pd.DataFrame | None
     class_names: dict[str, list[str]]
+    attribution: pd.DataFrame | None = None
 
     @property
     def slide_ids(self) -> list[str]:
@@ -100,7 +104,9 @@ def load_outputs(folder: str | Path) -> RunOutputs:
     store = None if build.datamodule_class(cfg, kind).layout is None else build.store_path(cfg)
     att_path = folder / ATTENTION
     attention = pd.read_csv(att_path, dtype={"slide_id": str, "map": str}) if att_path.is_file() else None
-    return RunOutputs(folder, cfg, manifest, store, preds, attention, classes)
+    attr_path = folder / ATTRIBUTION
+    attribution = pd.read_csv(attr_path, dtype={"slide_id": str}) if attr_path.is_file() else None
+    return RunOutputs(folder, cfg, manifest, store, preds, attention, classes, attribution)
 
 
 def _classes_from_columns(preds: pd.DataFrame, targets: list[str]) -> dict[str, list[str]]:

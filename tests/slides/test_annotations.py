@@ -38,7 +38,7 @@ def _write(tmp_path: Path, features: list[dict]) -> Path:
     (None, True), ("", True), ("Tumor", True), ("tumour", True), ("Metastasis", True), ("Macro", True),
     ("Decoy-architecture", False), ("Decoy-cells", False), ("decoy", False), ("Candidate", False),
     ("candidate ", False), ("Ignore*", False), ("Region*", False), ("Stroma", False), ("Other", False),
-    ("Necrosis", False), ("Immune cells", False), ("Exclusion", False),
+    ("Necrosis", False), ("Immune cells", False), ("Exclusion", False), ("Tissue", False),
 ])
 def test_lesion_classes(name: str | None, lesion: bool):
     assert is_lesion_class(name) is lesion
@@ -64,6 +64,32 @@ def test_decoys_and_candidates_are_not_lesions_but_can_be_loaded_by_class(tmp_pa
     # tiles on decoys / candidates are not lesion tiles
     y = tile_labels(np.array([[0, 0], [0, 200], [400, 200]]), 100, lesions, "centre")
     assert y.tolist() == [True, False, False]
+
+
+def _typed(feature: dict, object_type: str, key: str = "objectType") -> dict:
+    return {**feature, "properties": {**feature["properties"], key: object_type}}
+
+
+@pytest.mark.parametrize("shape", ["collection", "array"])
+def test_detections_are_not_lesions(tmp_path: Path, shape: str):
+    """QuPath detections (tiles of a ``wsi export-qupath`` file, cells...) are skipped in every
+    export shape, so a file holding lesions and detections yields its lesions only."""
+    feats = [
+        _typed(_feature(_square(0, 0, 100), "Tumor"), "annotation"),
+        _feature(_square(200, 0, 100), "Tumor"),  # no objectType: QuPath reads it as an annotation
+        _typed(_feature(_square(0, 200, 100), "Tumor"), "detection"),  # unclassified-like tiles too
+        _typed(_feature(_square(200, 200, 100)), "detection"),
+        _typed(_feature(_square(400, 200, 100), "Tumor"), "cell"),
+        _typed(_feature(_square(600, 200, 100), "Tumor"), "tile"),
+        _typed(_feature(_square(800, 200, 100), "Tumor"), "Detection", key="object_type"),  # QuPath < 0.3
+        {**_feature(_square(1000, 200, 100), "Tumor"), "id": "PathDetectionObject"},  # QuPath 0.2
+        _typed(_feature(_square(0, 400, 300), "Tissue"), "annotation"),  # the export's outline
+    ]
+    path = tmp_path / "a.geojson"
+    path.write_text(json.dumps(feats if shape == "array" else {"type": "FeatureCollection", "features": feats}))
+    assert sorted(les.exterior[0].tolist() for les in load_lesions(path)) == [[0, 0], [200, 0]]
+    assert [r.exterior[0].tolist() for r in load_regions(path, "tissue")] == [[0, 400]]
+    assert load_regions(path, "") == []  # the unclassified detection is not a region either
 
 
 def test_camelyon16_converted_annotations_keep_working(tmp_path: Path):

@@ -11,6 +11,11 @@ complete slides and redoes partial ones. Unreadable slides stop the run, or with
 A store never mixes settings: before adding slides, extraction checks that the slides already
 in the store were made with the same backbone, weights and tiling
 (:func:`expected_provenance`, ``FeatureStore.check_provenance``) and refuses otherwise.
+
+A manifest row's region of interest (``roi`` column, :mod:`wsi_lightning.slides.regions`)
+restricts its tiles. The ROI file's digest is part of the slide's tile cache key and recorded
+in the store (``roi`` attribute: file and digest), so a slide whose ROI changed, appeared or was
+removed since it was extracted is tiled and extracted again, never reused.
 """
 
 from __future__ import annotations
@@ -109,35 +114,59 @@ def _recorded_attrs(tiling: dict, features: dict, backbone: Any) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- tiling
-def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
+def roi_record(row: pd.Series, where: str) -> dict[str, str] | None:
+    """What a slide's store entry records of its manifest ROI (``roi`` column): ``{"file",
+    "sha256"}`` (the digest of the file's content), or None when the row has none.
+
+    Raises:
+        ManifestError: the ROI file is missing or unreadable (the message names ``where``).
+    """
+    from wsi_lightning.slides.regions import roi_digest
+
+    roi = row.get("roi")
+    if not isinstance(roi, str) or not roi:
+        return None
+    return {"file": roi, "sha256": roi_digest(roi, where)}
+
+
+def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path, where: str | None = None) -> TilePlan:
     """Segment tissue and tile one slide (cached in ``tiles_dir/<slide_id>.npz``).
 
     The store layout of ``tiling.multiscale.mode`` (:mod:`wsi_lightning.features.layouts`)
     makes the rows: plain tiles, concentric windows (one row per location, S scales) or a
     quadtree (one row per tile of every level, coarsest level first, with per-row ``level`` and
-    ``parent`` arrays). Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue mask) for a
-    person to check.
+    ``parent`` arrays). A row's ``roi`` restricts the tissue mask to its region
+    (:func:`~wsi_lightning.slides.regions.apply_roi`); its digest is part of the cache key.
+    Writes ``tiles_dir/qc/<slide_id>.png`` (thumbnail + tissue mask) for a person to check.
+
+    Args:
+        where: the manifest row, for errors about its ROI (default: the slide id).
     """
     from wsi_lightning.slides import SlideReader, save_tissue_png, segment_tissue, tile_slide
+    from wsi_lightning.slides.regions import apply_roi
     from wsi_lightning.slides.tiling import tile_file, write_tile_file
     from wsi_lightning.slides.tissue import tissue_qc_path
 
     sid, path = str(row["slide_id"]), str(row["path"])
+    where = where or f"slide '{sid}'"
     mpp_override = None if pd.isna(row.get("mpp", np.nan)) else float(row["mpp"])
     layout = layout_for(tiling)
-    key = layout.cache_key()
+    roi = roi_record(row, where)
+    key = layout.cache_key() + ("" if roi is None else f"_roi{roi['sha256']}")  # a new ROI re-tiles
     cache, qc = tile_file(tiles_dir, sid), tissue_qc_path(tiles_dir, sid)  # the id is checked here
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if str(z["key"]) == key:
             attrs = {k: z[k].item() for k in ("mpp", "tile_size", "tile_size_um", "level", "extent_level0", "slide_mpp")}
             ms_grid = layout.grid_from_arrays({k[3:]: z[k] for k in z.files if k.startswith("ms_")})
-            return _plan(layout, sid, path, mpp_override, z["coords"], attrs, ms_grid)
+            return _plan(layout, sid, path, mpp_override, z["coords"], attrs, ms_grid, roi)
     if not path:
         raise SlideError(f"slide '{sid}': the manifest gives no path, and tiling reads its pixels; "
                          "fill in the 'path' column")
     with SlideReader(path, mpp=mpp_override) as reader:
         tissue = segment_tissue(reader, thumb_mpp=float(tiling["thumb_mpp"]))
+        if roi is not None:
+            tissue = apply_roi(tissue, roi["file"], reader.dimensions, reader.mpp, where)
         save_tissue_png(tissue, qc)
         grid = tile_slide(reader, layout.tile_size, layout.mpp, min_tissue=layout.min_tissue, tissue=tissue)
         ms_grid = layout.grid(reader, tissue)
@@ -150,14 +179,59 @@ def plan_slide(row: pd.Series, tiling: dict, tiles_dir: Path) -> TilePlan:
              "level": grid.level, "extent_level0": grid.extent_level0, "slide_mpp": grid.slide_mpp}
     extra = {f"ms_{k}": v for k, v in ms_grid.to_arrays().items()} if ms_grid is not None else {}
     write_tile_file(tiles_dir, sid, coords=grid.coords, key=np.array(key), **{k: np.array(v) for k, v in attrs.items()}, **extra)
-    return _plan(layout, sid, path, mpp_override, grid.coords, attrs, ms_grid)
+    return _plan(layout, sid, path, mpp_override, grid.coords, attrs, ms_grid, roi)
 
 
 def _plan(layout: StoreLayout, sid: str, path: str, mpp_override: float | None, coords: np.ndarray,
-          attrs: dict[str, Any], grid: Any) -> TilePlan:
-    """The plan of one slide; a multi-scale layout sets the rows and the store attributes."""
+          attrs: dict[str, Any], grid: Any, roi: dict[str, str] | None = None) -> TilePlan:
+    """The plan of one slide; a multi-scale layout sets the rows and the store attributes (with
+    the slide's ROI record, when it has one)."""
     rows, attrs, extra = layout.plan_fields(coords, attrs, grid)
+    if roi is not None:
+        attrs = {**attrs, "roi": roi}
     return TilePlan(sid, path, mpp_override, rows, attrs, layout, grid, extra)
+
+
+def _roi_changed(manifest: Manifest, store: FeatureStore) -> list[str]:
+    """Complete, extracted slides whose manifest ROI differs from the one their features were
+    made with (changed, added or removed): they are tiled and extracted again. Imported slides
+    record no tiling, so an ROI cannot be applied to them (warned)."""
+    out, imported = [], []
+    for i, row in manifest.df.iterrows():
+        sid = str(row["slide_id"])
+        if not store.is_complete(sid):
+            continue
+        attrs = store.attrs(sid)
+        try:
+            now = roi_record(row, f"manifest {manifest.source} row {int(i) + 1}: slide '{sid}'")
+        except WSIError:  # a missing or unreadable ROI: tiling reports it (or skips it, skip_errors)
+            out.append(sid)
+            continue
+        if not (isinstance(attrs.get("extraction"), dict) and "tiling" in attrs["extraction"]):
+            if now is not None:
+                imported.append(sid)
+            continue
+        was = attrs.get("roi") if isinstance(attrs.get("roi"), dict) else None
+        if (was or {}).get("sha256") != (now or {}).get("sha256"):
+            log.info("slide %s: its roi changed since extraction (was %s, now %s); tiling and extracting it again",
+                     sid, (was or {}).get("file", "none"), (now or {}).get("file", "none"))
+            out.append(sid)
+    if imported:
+        log.warning("%d imported slide(s) have an roi in %s (%s...), but their features were made elsewhere: "
+                    "the roi is not applied to them", len(imported), manifest.source, imported[0])
+    return out
+
+
+def _refuse_stale(changed: list[str], plans: list[TilePlan], store: FeatureStore, report: ErrorReport) -> None:
+    """Slides whose ROI changed but could not be tiled again (``skip_errors``) keep the features of
+    their old ROI in the store, which training would use: refused, naming them."""
+    stale = sorted(set(changed) - {p.slide_id for p in plans})
+    if stale:
+        raise StoreError(
+            f"feature store {store.root}: slide(s) {stale} have a new roi that could not be tiled (see "
+            f"{report.path}), and the store still holds their features made with the old one, which "
+            f"training would use. Fix the roi (or restore the old one), or delete {store.path(stale[0])}"
+            f"{' and the others' if len(stale) > 1 else ''} to leave the slide(s) out")
 
 
 class ErrorReport:
@@ -190,9 +264,10 @@ def plan_manifest(manifest: Manifest, tiling: dict, tiles_dir: Path, skip_errors
     plans = []
     with Progress(transient=True) as bar:
         task = bar.add_task("tiling slides", total=len(df))
-        for _, row in df.iterrows():
+        for i, row in df.iterrows():
+            where = f"manifest {manifest.source} row {int(i) + 1}: slide '{row['slide_id']}'"
             try:
-                plans.append(plan_slide(row, tiling, tiles_dir))
+                plans.append(plan_slide(row, tiling, tiles_dir, where))
             except WSIError as e:
                 if not skip_errors:
                     raise
@@ -415,7 +490,8 @@ def extract_features(
     from wsi_lightning.features.backbones import build_backbone
 
     store.clean_partial()
-    todo = [s for s in manifest.df["slide_id"] if not store.is_complete(s)]
+    changed = _roi_changed(manifest, store)
+    todo = [s for s in manifest.df["slide_id"] if not store.is_complete(s)] + changed
     if not todo:
         return []
     store.check_provenance(expected_provenance(tiling, features), adding=True)  # before any tiling
@@ -423,6 +499,7 @@ def extract_features(
     log.info("feature store %s: %d of %d slides to extract", store.root, len(todo), len(manifest.df))
     report = report if report is not None else ErrorReport(store.root / "errors.csv")
     plans, _ = plan_manifest(manifest, tiling, tiles_dir, skip_errors, slide_ids=todo, report=report)
+    _refuse_stale(changed, plans, store, report)
     if not plans:
         return []
     backbone = build_backbone(str(features["backbone"]), pretrained=bool(features.get("pretrained", False)),

@@ -2,7 +2,11 @@
 
 An annotation file is a GeoJSON FeatureCollection of Polygon / MultiPolygon features in level-0
 pixel coordinates (QuPath's other export shapes are read too: a bare JSON array of features, one
-Feature, or a bare geometry). Which features are lesions is decided by their classification name
+Feature, or a bare geometry). QuPath *detections* are not annotations and are skipped: features
+whose ``properties.objectType`` (or the older ``object_type``) is ``detection``, ``cell`` or
+``tile``, or whose QuPath 0.2 ``id`` names one of those classes, e.g. the tiles ``wsi
+export-qupath`` writes, which share a file with the tissue annotation. Which of the other
+features are lesions is decided by their classification name
 (``properties.classification.name``, or a plain string there), case-insensitively:
 
 * unclassified features and every other name (``Tumor``, ``tumour``, ``metastasis``...) are
@@ -12,9 +16,10 @@ Feature, or a bare geometry). Which features are lesions is decided by their cla
   (polygon holes are not lesion either);
 * names in :data:`NON_LESION_CLASSES` or starting with one of :data:`NON_LESION_PREFIXES` are not
   lesions: the demo's decoys (``Decoy-architecture``, ``Decoy-cells``), zoom-task
-  ``Candidate`` regions and QuPath's default non-tumour classes (``Stroma``, ``Necrosis``,
-  ``Other``, ``Immune cells``, ``Ignore*``, ``Region*``). :func:`load_regions` returns the
-  polygons of any named classes, e.g. the candidates.
+  ``Candidate`` regions, QuPath's default non-tumour classes (``Stroma``, ``Necrosis``,
+  ``Other``, ``Immune cells``, ``Ignore*``, ``Region*``) and ``Tissue`` (the outline ``wsi
+  export-qupath`` writes). :func:`load_regions` returns the polygons of any named classes, e.g.
+  the candidates.
 
 A slide's annotation is found through the manifest's ``annotation`` column, else
 ``<manifest folder>/annotations/<slide_id>.geojson`` (the demo data's layout).
@@ -39,8 +44,11 @@ log = logging.getLogger(__name__)
 TILE_RULES = ("centre", "overlap")
 EXCLUSION_CLASS = "exclusion"
 # classification names (lower case) that are not lesions; every other name, or none, is a lesion
-NON_LESION_CLASSES = frozenset({"candidate", "stroma", "necrosis", "other", "immune cells"})
+NON_LESION_CLASSES = frozenset({"candidate", "stroma", "necrosis", "other", "immune cells", "tissue"})
 NON_LESION_PREFIXES = ("decoy", "ignore", "region")
+# QuPath object types that are detections (PathDetectionObject and its subclasses), not drawn regions
+DETECTION_TYPES = frozenset({"detection", "cell", "tile"})
+_LEGACY_DETECTION_IDS = frozenset({"PathDetectionObject", "PathCellObject", "PathTileObject"})  # QuPath 0.2
 
 
 @dataclass
@@ -75,9 +83,21 @@ def _class_name(feature: dict) -> str:
     return str(cls or "").strip().lower()
 
 
-def _features(gj: object, path: Path) -> list[dict]:
-    """The features of any shape QuPath exports: a FeatureCollection, a bare JSON array of
-    features ("Export objects as JSON array"), one Feature, or a bare Polygon / MultiPolygon."""
+def is_detection(feature: dict) -> bool:
+    """Whether a GeoJSON feature is a QuPath detection (``objectType`` detection / cell / tile, the
+    older ``object_type``, or a QuPath 0.2 ``id`` naming a detection class), not an annotation."""
+    props = feature.get("properties")
+    props = props if isinstance(props, dict) else {}
+    kind = props.get("objectType", props.get("object_type"))
+    if isinstance(kind, str) and kind.strip().lower() in DETECTION_TYPES:
+        return True
+    return feature.get("id") in _LEGACY_DETECTION_IDS
+
+
+def _features(gj: object, path: Path, what: str = "annotation") -> list[dict]:
+    """The annotation features of any shape QuPath exports: a FeatureCollection, a bare JSON
+    array of features ("Export objects as JSON array"), one Feature, or a bare Polygon /
+    MultiPolygon; detections (:func:`is_detection`) are left out. ``what`` names the file in errors."""
     if isinstance(gj, list):
         items = gj
     elif isinstance(gj, dict) and gj.get("type") == "FeatureCollection":
@@ -87,15 +107,15 @@ def _features(gj: object, path: Path) -> list[dict]:
     elif isinstance(gj, dict) and gj.get("type") in ("Polygon", "MultiPolygon"):
         items = [{"type": "Feature", "geometry": gj, "properties": {}}]
     else:
-        what = gj.get("type") if isinstance(gj, dict) else type(gj).__name__
-        raise WSIError(f"annotation {path}: not GeoJSON features (top level: {what!r}); expected a "
+        found = gj.get("type") if isinstance(gj, dict) else type(gj).__name__
+        raise WSIError(f"{what} {path}: not GeoJSON features (top level: {found!r}); expected a "
                        "FeatureCollection, a Feature, a JSON array of features (QuPath's export) or a "
                        "Polygon / MultiPolygon, in level-0 pixels")
     bad = [i for i, f in enumerate(items) if not isinstance(f, dict)]
     if bad:
-        raise WSIError(f"annotation {path}: entry {bad[0]} of its features is a "
+        raise WSIError(f"{what} {path}: entry {bad[0]} of its features is a "
                        f"{type(items[bad[0]]).__name__}, not a GeoJSON Feature object; fix or remove the file")
-    return items
+    return [f for f in items if not is_detection(f)]
 
 
 def read_polygons(path: str | Path) -> list[tuple[str, list[np.ndarray]]]:
@@ -112,8 +132,13 @@ def read_polygons(path: str | Path) -> list[tuple[str, list[np.ndarray]]]:
         raise WSIError(
             f"annotation {path}: cannot read GeoJSON ({e}); fix or remove the file"
         ) from e
+    return polygons_of(gj, path)
+
+
+def polygons_of(gj: object, path: str | Path, what: str = "annotation") -> list[tuple[str, list[np.ndarray]]]:
+    """:func:`read_polygons` of GeoJSON already parsed (``path`` and ``what`` name it in errors)."""
     out = []
-    for f in _features(gj, path):
+    for f in _features(gj, Path(path), what):
         geom = f.get("geometry") or {}
         polys = (
             [geom["coordinates"]]
