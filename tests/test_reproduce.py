@@ -119,3 +119,17 @@ def test_repository_tables_load():
 def test_cell_numbers():
     assert reproduce._num(2803584.0) == "2,803,584"  # pixel counts read as counts
     assert reproduce._num(0.8924) == "0.892" and reproduce._num(1000.5) == "1000.500"
+
+
+def test_parallel_jobs_give_the_same_table(bag_data: Path, tmp_path: Path):
+    """--jobs 2: rows x seeds in two worker processes; the same numbers as one at a time."""
+    spec = _spec(tmp_path, bag_data)
+    one = reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "one", results=tmp_path / "r1",
+                              extra_overrides=["trainer.num_threads=1"])
+    two = reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "two", results=tmp_path / "r2",
+                              extra_overrides=["trainer.num_threads=1"], jobs=2)
+    a, b = (pd.read_csv(p.with_suffix(".csv")) for p in (one, two))
+    pd.testing.assert_frame_equal(a.drop(columns=["values"]), b.drop(columns=["values"]))
+    assert list(a["values"]) == list(b["values"])
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        reproduce.run_table(str(spec), dataset="tiny", runs=tmp_path / "two", jobs=0)

@@ -14,7 +14,7 @@ each command so that ``wsi --help`` answers at once.
     wsi runs [DIR] [--csv FILE]
     wsi export-qupath FOLDER [--out DIR] [--map NAME]
     wsi manifest camelyon16 ROOT [--out FILE]
-    wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2]
+    wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2] [--jobs N]
     wsi sweep NAME [--count N] [--offline|--online] [key=value ...]
 """
 
@@ -319,7 +319,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     for t in tables:
         md = reproduce.run_table(t, dataset=args.data, seeds=seeds, results=Path(args.results),
-                                 extra_overrides=args.overrides)
+                                 extra_overrides=args.overrides, jobs=args.jobs)
         log.info("%s", md.read_text())
     return 0
 
@@ -425,6 +425,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="demo", help="dataset listed in the table spec (default: demo)")
     s.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     s.add_argument("--results", default="results")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="run up to N rows x seeds at once (a CPU-thread share or a GPU each; default 1)")
     s.set_defaults(func=cmd_reproduce)
 
     s = sub.add_parser("sweep", help="hyperparameter sweep (experiments/sweeps/), W&B agent or local")

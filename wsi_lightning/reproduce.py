@@ -135,17 +135,23 @@ def _complete(run_dir: Path, metrics: list[str], cfg: DictConfig) -> dict | None
 
 
 def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, runs: Path | None = None,
-              results: Path = Path("results"), extra_overrides: list[str] | None = None) -> Path:
+              results: Path = Path("results"), extra_overrides: list[str] | None = None,
+              jobs: int = 1) -> Path:
     """Run every (row, seed) of a table that is not complete yet, then write the results.
+
+    ``jobs``: run up to this many (row, seed) fits at once, each in its own process with
+    ``trainer.num_threads`` = the CPU cores / ``jobs`` (unless set) and, on a machine with GPUs,
+    a GPU of its own (``jobs`` <= the GPUs). The data of the table (demo slides, feature
+    stores) is prepared by the first run of each store before the others start.
 
     Returns:
         The markdown results file.
     """
-    from wsi_lightning import run
-
     spec = load_spec(name)
     if dataset not in spec["datasets"]:
         raise ConfigError(f"table {spec['path']}: dataset '{dataset}' not listed; available: {sorted(spec['datasets'])}")
+    if int(jobs) < 1:
+        raise ConfigError(f"--jobs {jobs}; expected an integer >= 1")
     seeds = list(seeds if seeds is not None else spec["seeds"])
     data_over = list(spec["datasets"][dataset] or []) + list(extra_overrides or [])
     if runs is None:  # paths.runs of the (overridden) config
@@ -153,6 +159,7 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
         runs = Path(config.load(first["experiment"], [*first.get("overrides", []), *data_over]).paths.runs)
     metrics = [c["metric"] for c in spec["columns"].values()]
     collected: dict[str, list[dict]] = {}
+    todo: list[Job] = []
     t0 = time.perf_counter()
     for row in spec["rows"]:
         for seed in seeds:
@@ -167,18 +174,95 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
             w.group = w.group or f"table/{spec['name']}/{dataset}"
             w.job_type = w.job_type or str(row["name"])
             done = _complete(run_dir, metrics, cfg)
-            if done is None and _resumable(run_dir, cfg):
-                log.info("table %s: %s, seed %d: resuming the interrupted run %s", spec["name"], row["name"], seed, run_dir)
-                done = run.fit(cfg, run_dir=run_dir, resume=True).metrics
-            elif done is None:
-                log.info("table %s: %s, seed %d -> %s", spec["name"], row["name"], seed, run_dir)
-                shutil.rmtree(run_dir, ignore_errors=True)  # an outdated run is redone
-                done = run.fit(cfg, run_dir=run_dir).metrics
-            else:
+            collected.setdefault(row["name"], []).append({"seed": seed, "run_dir": run_dir, **(done or {})})
+            if done is not None:
                 log.info("table %s: %s, seed %d already complete (%s)", spec["name"], row["name"], seed, run_dir)
-            collected.setdefault(row["name"], []).append({"seed": seed, "run_dir": run_dir, **done})
-    log.info("table %s: all runs done in %.0f s", spec["name"], time.perf_counter() - t0)
+                continue
+            resume = _resumable(run_dir, cfg)
+            if not resume:
+                shutil.rmtree(run_dir, ignore_errors=True)  # an outdated run is redone
+            todo.append(Job(spec["name"], str(row["name"]), seed, cfg, run_dir, resume))
+    results_of = _run_jobs(todo, int(jobs))
+    for job, m in zip(todo, results_of, strict=True):
+        for entry in collected[job.row]:
+            if entry["seed"] == job.seed:
+                entry.update(m)
+    log.info("table %s: all runs done in %.0f s (%d run, %d at a time)", spec["name"], time.perf_counter() - t0,
+             len(todo), min(int(jobs), max(len(todo), 1)))
     return write_results(spec, dataset, collected, results)
+
+
+@dataclass
+class Job:
+    """One (row, seed) fit of a table that is not complete."""
+
+    table: str
+    row: str
+    seed: int
+    cfg: DictConfig
+    run_dir: Path
+    resume: bool
+
+
+def _fit_job(cfg_yaml: str, run_dir: str, resume: bool) -> dict[str, float]:
+    """Run one table fit (in this process or a worker process); its test metrics."""
+    from wsi_lightning import run
+
+    cfg = OmegaConf.create(cfg_yaml)
+    return run.fit(cfg, run_dir=Path(run_dir), resume=resume).metrics
+
+
+def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
+    """The jobs' metrics, in order: one after another, or ``jobs`` at a time in worker processes
+    (spawned: each has its own Lightning, torch threads and device)."""
+    if jobs == 1 or len(todo) <= 1:
+        out = []
+        for j in todo:
+            log.info("table %s: %s, seed %d -> %s%s", j.table, j.row, j.seed, j.run_dir,
+                     " (resuming the interrupted run)" if j.resume else "")
+            out.append(_fit_job(OmegaConf.to_yaml(j.cfg), str(j.run_dir), j.resume))
+        return out
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    for i, j in enumerate(todo):
+        if j.cfg.trainer.num_threads is None:
+            j.cfg.trainer.num_threads = threads
+        j.cfg.data.num_workers = min(int(j.cfg.data.num_workers), threads)
+        if gpus and str(j.cfg.trainer.accelerator) in ("auto", "gpu", "cuda"):  # a GPU each
+            j.cfg.trainer.devices = [i % gpus]
+    _prepare_shared_data(todo)
+    log.info("table %s: %d runs, %d at a time (%d threads each%s)", todo[0].table, len(todo), jobs, threads,
+             f", GPUs {list(range(min(jobs, gpus)))}" if gpus else "")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = []
+        for j in todo:
+            log.info("table %s: %s, seed %d -> %s%s", j.table, j.row, j.seed, j.run_dir,
+                     " (resuming)" if j.resume else "")
+            futures.append(pool.submit(_fit_job, OmegaConf.to_yaml(j.cfg), str(j.run_dir), j.resume))
+        return [f.result() for f in futures]
+
+
+def _prepare_shared_data(todo: list[Job]) -> None:
+    """Make each feature store (and the demo slides) the jobs read, once, before they run in
+    parallel: two jobs extracting into one store at once would each do all the work."""
+    from wsi_lightning import build
+
+    seen: set[str] = set()
+    for j in todo:
+        kind = build.method_input_kind(j.cfg)
+        if build.datamodule_class(j.cfg, kind).layout is None:
+            build.manifest_path(j.cfg)  # the demo slides, generated if missing
+            continue
+        key = str(build.store_path(j.cfg))
+        if key not in seen:
+            seen.add(key)
+            build.build_datamodule(j.cfg).prepare_data()
 
 
 def _cells(spec: dict, collected: dict[str, list[dict]]) -> list[dict]:
