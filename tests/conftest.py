@@ -56,6 +56,48 @@ def make_feature_bags(root: Path, n_slides: int = 24, dim: int = 16, seed: int =
     return path
 
 
+def make_case_bags(root: Path, n_cases: int = 32, dim: int = 16, seed: int = 0,
+                   slides_per_case: tuple[int, int] = (2, 3), n_range: tuple[int, int] = (15, 30),
+                   columns: int = 6) -> Path:
+    """A feature store + manifest of patients with 2-3 slides each (``case_id`` shared by a
+    case's slides, ``cNNN``; slides ``cNNN_sK``), for ``data.bag_level=case``.
+
+    Cases alternate class0 / class1 and every slide carries its case's label. In a class1
+    case exactly one slide, at random, holds 3-5 'key' instances shifted +4 along feature
+    axis 1; its other slides look like class0 slides. So a case is positive when any of its
+    slides carries the signal (a slide-level model sees positive slides without it). Each
+    slide lies on its own grid (level-0 x, y = 112 px x column, row; ``columns`` per row), so
+    the slides of a case share coordinates. Returns the manifest path; the store is
+    ``root / "store"``.
+    """
+    from wsi_lightning.features.store import FeatureStore
+
+    rng = np.random.default_rng(seed)
+    store = FeatureStore(root / "store")
+    rows = []
+    for c in range(n_cases):
+        label = c % 2
+        n_slides = int(rng.integers(slides_per_case[0], slides_per_case[1] + 1))
+        carrier = int(rng.integers(n_slides)) if label else -1
+        for k in range(n_slides):
+            n = int(rng.integers(*n_range))
+            feats = rng.normal(size=(n, dim)).astype(np.float32)
+            if k == carrier:
+                feats[: int(rng.integers(3, 6)), 1] += 4.0
+                rng.shuffle(feats)
+            coords = np.stack([np.arange(n) % columns, np.arange(n) // columns], 1).astype(np.int64) * 112
+            sid = f"c{c:03d}_s{k}"
+            store.write_slide(sid, feats.astype(np.float16), coords,
+                              {"mpp": 0.5, "tile_size": 112, "tile_size_um": 56.0, "level": 0,
+                               "extent_level0": 112, "backbone": "synthetic", "weights_hash": "none",
+                               "extraction": {}})
+            rows.append({"slide_id": sid, "case_id": f"c{c:03d}", "path": f"slides/{sid}.tiff",
+                         "label": f"class{label}", "carrier": k == carrier})
+    path = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
 def make_quadtree_bags(root: Path, n_slides: int = 12, dim: int = 16, seed: int = 0,
                        n_coarse: tuple[int, int] = (3, 7), levels: int = 3) -> Path:
     """A quadtree feature store (HAG-MIL layout) + manifest.

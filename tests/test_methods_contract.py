@@ -175,3 +175,37 @@ def test_fast_dev_run_and_checkpoint_round_trip(name: str, bag_data: Path, tmp_p
         a, b = model(bag), again(bag)
     for t in a.logits:
         torch.testing.assert_close(a.logits[t], b.logits[t])
+
+
+# ----------------------------------------------------------------------------- patient-level bags
+CASE_METHODS = [n for n in BAG_METHODS if kind_of(n) == "bag"]  # those BagDataModule serves
+
+
+@pytest.fixture(scope="module")
+def case_bags(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import make_case_bags
+
+    return make_case_bags(tmp_path_factory.mktemp("cases"), n_cases=8)
+
+
+@pytest.mark.parametrize("name", CASE_METHODS)
+def test_trains_on_case_bags(name: str, case_bags: Path):
+    """Every feature-bag method trains on patient-level bags (``data.bag_level=case``: the
+    instances of 2-3 slides a bag, coordinates repeating between slides) unchanged."""
+    m = load_manifest(case_bags, "label", check_files=False)
+    dm = BagDataModule(m, case_bags.parent / "store", split={"val": 0.25, "test": 0.25}, batch_size=2,
+                       bag_level="case")
+    dm.setup()
+    model = METHODS.get(name)(in_dim=dm.in_dim, num_classes=dm.num_classes, class_names=dm.class_names,
+                              **small(name))
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)  # a training step and a validation step on case batches
+    bag = next(iter(dm.test_dataloader()))
+    assert len(bag) == 2 and bag.slides is not None and all(len(s) >= 2 for s in bag.slides)
+    with torch.no_grad():
+        out = model.eval()(bag)
+    assert out.logits["label"].shape == (2, 2) and torch.isfinite(out.logits["label"]).all()
+    if out.attention is not None:  # over every valid instance of the case, all its slides
+        a = out.attention if out.attention.dim() == 3 else out.attention[:, None]
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:2]), rtol=1e-5, atol=1e-5)

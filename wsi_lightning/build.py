@@ -90,11 +90,13 @@ def method_input_kind(cfg: DictConfig) -> str:
 
 
 def datamodule_class(cfg: DictConfig, input_kind: str) -> type:
-    """The DataModule serving ``input_kind`` from this config's store layout, its config checked."""
+    """The DataModule serving ``input_kind`` from this config's store layout, its config
+    checked (``data.bag_level`` included: only plain feature bags come as patient-level bags)."""
     from wsi_lightning.data.bags import datamodule_for
 
     import_datamodules()
     cls = datamodule_for(input_kind, str(cfg.tiling.multiscale.mode))
+    cls.check_bag_level(cfg)
     cls.check_config(cfg, input_kind)
     return cls
 

@@ -275,6 +275,7 @@ def _validate_values(cfg: DictConfig) -> None:
         "tiling.multiscale.mode": ("none", "concentric", "quadtree"),
         "data.multiscale.mode": ("stack", "select", "flatten", "sum", "concat"),
         "features.precision": ("fp32", "bf16", "fp16"),
+        "data.bag_level": ("slide", "case"),
     }
     for key, allowed in choices.items():
         val = OmegaConf.select(cfg, key)

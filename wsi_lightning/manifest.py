@@ -74,6 +74,41 @@ class Manifest:
         ids = self.df["slide_id"]
         return {t: dict(zip(ids, self.label_index(t).tolist(), strict=True)) for t in self.targets}
 
+    def cases(self) -> dict[str, list[str]]:
+        """{case_id: its slide ids, in manifest order}, cases in order of first appearance."""
+        out: dict[str, list[str]] = {}
+        for sid, cid in zip(self.df["slide_id"], self.df["case_id"], strict=True):
+            out.setdefault(str(cid), []).append(str(sid))
+        return out
+
+    def labels_by_case(self) -> dict[str, dict[str, int]]:
+        """{target: {case_id: class index}}, the labels of patient-level bags
+        (``data.bag_level=case``): the label every slide of the case has. Per target, empty
+        cells (an unknown multi-tag label) are ignored; a case whose cells are all empty gets
+        -1 (unknown) for that target.
+
+        Raises:
+            ManifestError: the slides of a case have different labels for a target (naming the
+                case, its slides, their rows and labels).
+        """
+        rows = {sid: i for i, sid in enumerate(self.df["slide_id"], start=1)}
+        out: dict[str, dict[str, int]] = {}
+        for t in self.targets:
+            index = dict(zip(self.df["slide_id"], self.label_index(t).tolist(), strict=True))
+            cells = dict(zip(self.df["slide_id"], self.df[t], strict=True))
+            out[t] = {}
+            for cid, slides in self.cases().items():
+                known = sorted({index[s] for s in slides if cells[s]})
+                if len(known) > 1:
+                    shown = ", ".join(f"'{s}' (row {rows[s]}) {cells[s]!r}" for s in slides)
+                    raise ManifestError(
+                        f"manifest {self.source}: case '{cid}' has slides with different {t} "
+                        f"labels: {shown}; with data.bag_level=case a case is one bag with one "
+                        f"label. Give every slide of the case the same {t} (multi-tag: or leave "
+                        "the cell empty), or train on slides (data.bag_level=slide)")
+                out[t][cid] = known[0] if known else -1
+        return out
+
     @property
     def num_classes(self) -> dict[str, int]:
         return {t: len(c) for t, c in self.classes.items()}

@@ -318,20 +318,22 @@ def write_results(spec: dict, dataset: str, collected: dict[str, list[dict]], re
 
 
 def _ensemble_predictions(recs: list[dict]) -> pd.DataFrame | None:
-    """Positive-class probability per test slide, averaged over the seeds' runs (binary only)."""
+    """Positive-class probability per test slide (per case, for patient-level runs), averaged
+    over the seeds' runs (binary only), indexed by the id."""
     frames = []
     for rec in recs:
         p = Path(rec["run_dir"]) / "test_predictions.csv"
         if p.exists():
-            df = pd.read_csv(p)
+            df = pd.read_csv(p, dtype={"slide_id": str, "case_id": str})
             probs = [c for c in df.columns if c.startswith("prob_")]
             if len(probs) != 2:
                 return None
-            frames.append(pd.DataFrame({"slide_id": df["slide_id"], "y": (df["label"].astype(str) == probs[1][5:]).astype(int),
+            key = "case_id" if "case_id" in df.columns else "slide_id"  # data.bag_level=case: a row per case
+            frames.append(pd.DataFrame({"id": df[key], "y": (df["label"].astype(str) == probs[1][5:]).astype(int),
                                         "p": df[probs[1]]}))
     if not frames:
         return None
-    return pd.concat(frames).groupby("slide_id").agg(y=("y", "first"), p=("p", "mean")).sort_index()
+    return pd.concat(frames).groupby("id").agg(y=("y", "first"), p=("p", "mean")).sort_index()
 
 
 def _num(v: float) -> str:

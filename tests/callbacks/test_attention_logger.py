@@ -150,6 +150,47 @@ def test_features_without_slides_write_the_csv_only(tmp_path: Path, caplog: pyte
     assert len(warned) == 1 and "no images for" in warned[0].getMessage()
 
 
+def test_case_bags_are_split_back_into_per_slide_maps(demo: tuple[Path, Path], tmp_path: Path):
+    """data.bag_level=case: one bag per patient; attention.csv, heat-maps, montages and the
+    mechanism records are per slide, each on its own slide's tiles and lesions."""
+    manifest, store_dir = demo
+    df = pd.read_csv(manifest)
+    df["path"] = [str(manifest.parent / p) for p in df["path"]]
+    # two 2-slide test cases (one per label); one training slide per label; one validation slide
+    cases = {"demo_000": "case_000", "demo_001": "case_000", "demo_002": "case_001", "demo_003": "case_001",
+             "demo_004": "case_003", "demo_005": "case_004", "demo_006": "case_005"}
+    split = {"case_000": "test", "case_001": "test", "case_003": "train", "case_005": "train", "case_004": "val"}
+    df["case_id"] = df["slide_id"].map(cases)
+    df["split"] = df["case_id"].map(split)
+    df["annotation"] = [str(manifest.parent / "annotations" / f"{s}.geojson") for s in df["slide_id"]]
+    assert df.groupby("case_id")["label"].nunique().max() == 1
+    df.to_csv(tmp_path / "manifest.csv", index=False)
+    cb = "[{name: attention_logger, top_k: 2, bottom_k: 2}, {name: mechanism}]"
+    over = demo_overrides(tmp_path / "manifest.csv", store_dir, tmp_path / "runs", cb) + ["data.bag_level=case"]
+    res = run.fit(config.load("abmil", over))
+    pred = pd.read_csv(res.run_dir / "test_predictions.csv")
+    assert list(pred["case_id"]) == ["case_000", "case_001"]
+    assert list(pred["slide_ids"]) == ["demo_000;demo_001", "demo_002;demo_003"]
+    test_slides = ["demo_000", "demo_001", "demo_002", "demo_003"]
+    out, store = res.run_dir / "attention", FeatureStore(store_dir)
+    att = pd.read_csv(out / "attention.csv")
+    assert sorted(att["slide_id"].unique()) == test_slides
+    for sid, g in att.groupby("slide_id"):
+        assert (g["case_id"] == cases[sid]).all()
+        coords = store.read_coords(sid)
+        assert list(g["tile"]) == list(range(len(coords)))
+        np.testing.assert_array_equal(g[["x", "y"]].to_numpy(), coords)
+        for kind in ("heatmap", "topk", "bottomk"):
+            assert Image.open(out / f"{sid}_{kind}.png").format == "PNG", (sid, kind)
+    assert not list(out.glob("case_*"))  # nothing drawn per case
+    np.testing.assert_allclose(att.groupby("case_id")["attention"].sum(), 1.0, atol=1e-4)
+    mech = pd.read_csv(res.run_dir / "mechanism.csv")
+    assert sorted(mech["slide_id"]) == test_slides and (mech["case_id"] == mech["slide_id"].map(cases)).all()
+    tumour = set(df.loc[df["label"] == "tumor", "slide_id"]) & set(test_slides)
+    assert set(mech.loc[mech["lesions"] > 0, "slide_id"]) == tumour  # each slide's own lesions
+    assert "test/loc_auc" in res.metrics
+
+
 # ----------------------------------------------------------------------------- minimal module
 class RecordingWandbLogger(WandbLogger):
     """A WandbLogger that records ``log_image`` calls instead of starting a W&B run."""

@@ -82,3 +82,18 @@ def test_fit_dispatches_on_the_estimator_class_and_writes_predictions_metrics_co
     assert 0.0 <= res.metrics["test/auroc"] <= 1.0 and "test/f1_macro" in res.metrics
     assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "run" / "config.resolved.yaml").exists()
     assert (tmp_path / "run" / "confusion_label.png").exists()
+
+
+def test_case_bags_give_one_row_per_case(tmp_path: Path):
+    """data.bag_level=case: the patches of every slide of a case inherit the case's label; the
+    predictions CSVs and metrics are per case."""
+    from tests.conftest import make_case_bags
+
+    manifest = make_case_bags(tmp_path / "cases", n_cases=12)
+    over = feature_cfg_overrides(manifest, tmp_path / "runs", **{"data.bag_level": "case"})
+    res = run.fit(config.load("abmil", [*over, "method.name=patch_lr", "method.max_patches=8"]), run_dir=tmp_path / "run")
+    df = pd.read_csv(tmp_path / "run" / "test_predictions.csv", dtype=str)
+    assert list(df.columns[:4]) == ["case_id", "slide_ids", "label", "pred"]
+    cases = pd.read_csv(manifest, dtype=str).groupby("case_id")["slide_id"].apply(";".join)
+    assert df["case_id"].is_unique and list(df["slide_ids"]) == list(cases[df["case_id"]])
+    assert 0.0 <= res.metrics["test/auroc"] <= 1.0

@@ -67,6 +67,20 @@ def test_radius_and_knn_graphs_on_a_grid():
     assert a[4].sum() == 0 and a[:, 4].sum() == 0
 
 
+def test_no_edges_between_the_slides_of_a_case_bag():
+    """Patient-level bags: two slides on the same grid (their own frames) share coordinates;
+    only patches of one slide (``group``, the bag's ``slide_index``) are joined."""
+    c = torch.cat([grid(), grid()], 1)  # (1, 18, 2): slide 0 then slide 1, same coordinates
+    mask = torch.ones(1, 18, dtype=torch.bool)
+    group = torch.tensor([[0] * 9 + [1] * 9])
+    for graph, kw in (("radius", {"radius": 100}), ("knn", {"k": 3})):
+        a = spatial_adjacency(c, mask, graph, group=group, **kw)[0]
+        assert a[:9, 9:].sum() == 0 and a[9:, :9].sum() == 0, graph
+        alone = spatial_adjacency(grid(), mask[:, :9], graph, **kw)[0]
+        assert torch.equal(a[:9, :9], alone) and torch.equal(a[9:, 9:], alone), graph
+    assert spatial_adjacency(c, mask, "radius", radius=100)[0, :9, 9:].sum() > 0  # without groups: joined
+
+
 def test_normalised_adjacency_is_kipfs_renormalisation():
     c = grid(2)
     mask = torch.tensor([[True, True, True, False]])

@@ -22,7 +22,15 @@ them as ``MILOutput.tile_maps`` (:class:`~wsi_lightning.methods.base.TileMap`: n
 (B, n), mask (B, n), coords (B, n, 2), extent, the tiles' side in level-0 px); each becomes a map of its own, named
 ``<slide_id>_<name>_heatmap.png`` and ``map = <name>`` in the CSV. ``x, y`` are a tile's top-left
 corner and ``extent`` its side, in level-0 pixels (empty when the store does not record it), so
-the CSV alone places every tile on the slide (``wsi export-qupath``, ``wsi view``). Images need
+the CSV alone places every tile on the slide (``wsi export-qupath``, ``wsi view``).
+
+Patient-level bags (``data.bag_level=case``: one bag per case, ``Bag.slides`` / ``slide_index``)
+are split back into their slides: one entry per slide, so ``attention.csv`` has each slide's
+rows under its own ``slide_id`` (``tile`` its row in the store, ``x, y`` in its own frame), a
+``case_id`` column names the bag, and heat-maps and montages are drawn per slide. ``attention``
+is the raw value, which sums to 1 over the whole case; ``normalised`` (and the heat-maps'
+colour scale) is computed over the case's tiles, so the slides of a case compare (a slide
+without evidence stays cold beside the one that has it). Images need
 the slide files (manifest ``path`` and ``mpp``) and the feature store's tile geometry; without
 them (features imported without slides) the images are skipped with one warning and the CSV
 is still written. Lesion outlines come from a manifest column ``annotation`` (a GeoJSON path,
@@ -44,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from wsi_lightning.analysis import viz
+from wsi_lightning.data.batch import slide_parts
 from wsi_lightning.errors import ArgumentError, WSIError
 from wsi_lightning.ids import safe_slide_id
 from wsi_lightning.methods.base import TileMap
@@ -179,12 +188,20 @@ class AttentionLogger(L.Callback):
             att = torch.cat([att, cross.detach().float().transpose(1, 2)], 1)  # (B, 1 + S, N)
         att = att.detach().float().cpu().numpy()
         mask, coords = mask.cpu().numpy().astype(bool), coords.cpu().numpy()
-        for b, sid in enumerate(batch.slide_ids):
-            self._slides.append({"slide_id": str(sid), "attention": att[b][:, mask[b]],  # (H, n)
-                                 "coords": coords[b][mask[b]].astype(np.int64)})  # (n, 2)
+        cases = getattr(batch, "slides", None) is not None  # patient-level bags: split per slide
+        for sid, rows in slide_parts(batch).items():
+            for b, sel in rows:
+                keep = mask[b] if sel is None else sel.cpu().numpy().astype(bool)  # (N,)
+                entry = {"slide_id": sid, "attention": att[b][:, keep],  # (H, n)
+                         "coords": coords[b][keep].astype(np.int64)}  # (n, 2)
+                self._slides.append({**entry, "case_id": str(batch.slide_ids[b])} if cases else entry)
 
     def _keep_maps(self, batch: Any, maps: list[TileMap]) -> None:
         """Named tile sets of their own geometry (``MILOutput.tile_maps``), one entry per slide and map."""
+        if getattr(batch, "slides", None) is not None:  # no slide index in a TileMap
+            log.warning("attention_logger: tile maps (MILOutput.tile_maps) of patient-level bags cannot "
+                        "be split by slide; skipped")
+            return
         for m in maps:
             att = m.attention.detach().float().cpu().numpy()  # (B, n)
             mask = m.mask.cpu().numpy().astype(bool)
@@ -212,6 +229,7 @@ class AttentionLogger(L.Callback):
             return
         out = Path(trainer.default_root_dir) / self.out_dir
         out.mkdir(parents=True, exist_ok=True)
+        self.normalise(slides)
         store = getattr(trainer.datamodule, "store", None)
         for s in slides:
             if not s.get("extent") and store is not None:
@@ -228,18 +246,41 @@ class AttentionLogger(L.Callback):
         if images and self.log_images:
             self._log_wandb(trainer, images)
 
+    # ----------------------------------------------------------------- normalisation
+    def normalise(self, slides: list[dict[str, Any]]) -> None:
+        """Set each entry's ``normalised`` (H, n) values and their colour range ``vrange`` (one
+        ``(vmin, vmax)`` per map), over the entry's slide, or over its whole case for
+        patient-level bags (the entries sharing a ``case_id`` and map)."""
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for s in slides:
+            groups.setdefault((s.get("case_id", s["slide_id"]), str(s.get("map", ""))), []).append(s)
+        for group in groups.values():
+            att = np.concatenate([s["attention"] for s in group], 1)  # (H, sum n)
+            norm = np.stack([viz.normalise(a, self.normalisation) for a in att])  # (H, sum n)
+            ranges = [viz.display_range(v, self.normalisation) for v in norm]
+            start = 0
+            for s in group:
+                n = s["attention"].shape[1]
+                s["normalised"], s["vrange"] = norm[:, start : start + n], ranges
+                start += n
+
     # ----------------------------------------------------------------- CSV
     def write_csv(self, slides: list[dict[str, Any]], path: Path) -> None:
-        """One row per (slide, map, tile), written atomically."""
+        """One row per (slide, map, tile), written atomically (with a ``case_id`` column for
+        patient-level bags)."""
+        if any("normalised" not in s for s in slides):
+            self.normalise(slides)
+        cases = any("case_id" in s for s in slides)
         parts = []
         for s in slides:
             att, xy = s["attention"], s["coords"]  # (H, n), (n, 2)
             for h in range(att.shape[0]):
+                ids = {"slide_id": s["slide_id"], **({"case_id": s.get("case_id", "")} if cases else {})}
                 parts.append(pd.DataFrame({
-                    "slide_id": s["slide_id"], "map": s.get("map", h), "tile": np.arange(att.shape[1]),
+                    **ids, "map": s.get("map", h), "tile": np.arange(att.shape[1]),
                     "x": xy[:, 0], "y": xy[:, 1],
                     "extent": float(s["extent"]) if s.get("extent") else np.nan, "attention": att[h],
-                    "normalised": viz.normalise(att[h], self.normalisation)}))
+                    "normalised": s["normalised"][h]}))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         pd.concat(parts, ignore_index=True).to_csv(tmp, index=False)
         os.replace(tmp, path)
@@ -284,6 +325,8 @@ class AttentionLogger(L.Callback):
 
         sid, att, xy = s["slide_id"], s["attention"], s["coords"]  # (H, n), (n, 2)
         safe_slide_id(sid, where=f"attention_logger: images in {out}")  # ids name the files below
+        if "normalised" not in s:
+            self.normalise([s])
         row = rows.loc[sid]
         attrs = store.attrs(sid)
         extent = s.get("extent") or attrs.get("extent_level0")
@@ -303,12 +346,12 @@ class AttentionLogger(L.Callback):
             tiles: dict[int, np.ndarray] = {}
             for h in range(att.shape[0]):
                 stem = (f"{sid}_{s['map']}" if s.get("map") else sid if att.shape[0] == 1 else f"{sid}_map{h}")
-                norm = viz.normalise(att[h], self.normalisation)
-                vmin, vmax = viz.display_range(norm, self.normalisation)
+                norm, (vmin, vmax) = s["normalised"][h], s["vrange"][h]  # over the slide, or its case
                 overlay = viz.tile_heatmap(viz.to_unit(norm, vmin, vmax), xy, float(extent), thumb,
                                            scale, cmap=self.cmap, alpha=self.alpha)
                 name = f" {s['map']}" if s.get("map") else "" if att.shape[0] == 1 else f" map{h}"
-                title = f"{sid}{name} ({len(xy)} tiles)"
+                case = f", case {s['case_id']}" if s.get("case_id") else ""
+                title = f"{sid}{name} ({len(xy)} tiles{case})"
                 paths["heatmap"].append(viz.save_heatmap_figure(
                     out / f"{stem}_heatmap.png", thumb, overlay, title,
                     f"attention ({self.normalisation})", vmin, vmax, self.cmap, polygons, scale))

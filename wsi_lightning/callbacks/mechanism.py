@@ -23,6 +23,10 @@ columns are always there; when no test slide has an annotation at all nothing is
 
 All bags of a slide must be in one batch (the datamodules' test-time bag sampling does this): a
 slide's rows in a batch are merged (one value per tile location, the mean), later repeats ignored.
+Patient-level bags (``data.bag_level=case``) are split back into their slides
+(:func:`~wsi_lightning.data.batch.slide_parts`): each slide is measured against its own
+lesions and tile geometry, one record per slide (with its ``case_id``); the attention-based
+families (localisation, cross-scale) apply, the others need DataModules that build slide bags.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from wsi_lightning.analysis import mechanism as mech
+from wsi_lightning.data.batch import slide_parts
 from wsi_lightning.errors import ArgumentError, WSIError
 from wsi_lightning.registry import CALLBACKS
 from wsi_lightning.slides.annotations import (
@@ -137,16 +142,16 @@ class Mechanism(L.Callback):
         parts = self._applicable(out, batch) if out is not None else {}
         if not parts:
             return
-        rows: dict[str, list[int]] = {}
-        for i, sid in enumerate(batch.slide_ids):
-            rows.setdefault(str(sid), []).append(i)
-        for sid, idx in rows.items():
+        cases = getattr(batch, "slides", None) is not None  # patient-level bags: per slide
+        for sid, rows in slide_parts(batch).items():  # {slide: [(row, its instances or None)]}
             if sid in self._records:
                 continue
             lesions, status = self._lesions_of(trainer, sid)
             rec: dict[str, Any] = {"slide_id": sid, "annotation": status, "lesions": len(lesions)}
+            if cases:
+                rec["case_id"] = str(batch.slide_ids[rows[0][0]])
             for fn in parts.values():
-                rec |= fn(trainer, out, batch, idx, sid, lesions)
+                rec |= fn(trainer, out, batch, rows, sid, lesions)
             self._records[sid] = rec
 
     def _applicable(self, out: Any, batch: Any) -> dict[str, Any]:
@@ -223,10 +228,14 @@ class Mechanism(L.Callback):
         return float(ext)
 
     # ----------------------------------------------------------------- families
-    def _tiles(self, batch: Any, idx: list[int], values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """A slide's valid tiles over its rows ``idx``: (n, 2) unique level-0 coords and their
+    def _tiles(self, batch: Any, rows: list[tuple[int, torch.Tensor | None]],
+               values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """A slide's valid tiles over its ``rows`` (``slide_parts``: row, and that slide's
+        instances in it or None for all valid ones): (n, 2) unique level-0 coords and their
         values (n, ...) averaged over the rows (bags) they appear in."""
-        mask = batch.mask[idx].cpu().numpy().astype(bool)  # (R, N)
+        idx = [b for b, _ in rows]
+        mask = torch.stack([batch.mask[b] if sel is None else sel for b, sel in rows])  # (R, N)
+        mask = mask.cpu().numpy().astype(bool)
         xy = batch.coords[idx].cpu().numpy()[mask]  # (M, 2)
         vals = values[idx].detach().float().cpu().numpy()[mask]  # (M, ...)
         if len(idx) == 1:
@@ -244,8 +253,8 @@ class Mechanism(L.Callback):
         ext = self._extent(trainer, sid)
         return None if ext is None else tile_labels(xy, ext, lesions, self.tile_rule, self.min_overlap)
 
-    def _localisation(self, trainer, out, batch, idx, sid, lesions) -> dict[str, Any]:
-        xy, scores = self._tiles(batch, idx, self._scores(out, batch.mask.shape[1]))
+    def _localisation(self, trainer, out, batch, rows, sid, lesions) -> dict[str, Any]:
+        xy, scores = self._tiles(batch, rows, self._scores(out, batch.mask.shape[1]))
         gt = self._labels(trainer, sid, xy, lesions)
         if gt is None:
             return {}
@@ -253,13 +262,13 @@ class Mechanism(L.Callback):
             return {"loc_auc": float("nan"), "tiles": len(gt), "lesion_tiles": 0}
         return mech.attention_record(scores, gt)
 
-    def _cross_scale(self, trainer, out, batch, idx, sid, lesions) -> dict[str, Any]:
-        xy, weights = self._tiles(batch, idx, out.cross_scale)  # (n, 2), (n, S)
+    def _cross_scale(self, trainer, out, batch, rows, sid, lesions) -> dict[str, Any]:
+        xy, weights = self._tiles(batch, rows, out.cross_scale)  # (n, 2), (n, S)
         gt = self._labels(trainer, sid, xy, lesions)
         return {} if gt is None else mech.cross_scale_record(weights, gt)
 
-    def _recall(self, trainer, out, batch, idx, sid, lesions) -> dict[str, Any]:
-        b = idx[0]
+    def _recall(self, trainer, out, batch, rows, sid, lesions) -> dict[str, Any]:
+        b = rows[0][0]
         coords, scored = [], []
         for lv, m in zip(batch.levels, out.tile_maps, strict=True):
             valid = lv.mask[b].cpu().numpy().astype(bool)  # (N_l,) padded rows of the level
@@ -270,8 +279,8 @@ class Mechanism(L.Callback):
         extents = [float(lv.extent) for lv in batch.levels]
         return mech.cascade_record(coords, extents, scored, lesions, self.tile_rule, self.min_overlap)
 
-    def _roi(self, trainer, out, batch, idx, sid, lesions) -> dict[str, Any]:
-        b = idx[0]
+    def _roi(self, trainer, out, batch, rows, sid, lesions) -> dict[str, Any]:
+        b = rows[0][0]
         frames = [f[b].double().cpu().numpy() for f in out.roi_tree.frames]  # (N_d, 4)
         rec: dict[str, Any] = mech.roi_record(frames, lesions, self.grid)
         if lesions:

@@ -4,7 +4,18 @@
 from raw slides), ``setup()`` splits slides by patient, and the loaders yield padded
 :class:`~wsi_lightning.data.batch.Bag` batches. Under DDP, training uses a shuffling
 ``DistributedSampler``; validation and test give each rank a disjoint, unpadded share, so
-metrics and prediction files cover every slide exactly once.
+metrics and prediction files cover every slide (or case) exactly once.
+
+Patient-level bags (``data.bag_level=case``, :class:`CaseBagDataset`): one bag per
+``case_id``, the instances of all its slides concatenated (slides in manifest order, each
+slide's rows in store order), labelled with the label its slides share
+(:meth:`~wsi_lightning.manifest.Manifest.labels_by_case`). ``Bag.slide_ids`` then holds case
+ids, ``Bag.slides`` each case's slides and ``Bag.slide_index`` each instance's slide, so
+coordinates stay in their own slide's frame and heat-maps stay per slide. The split is the
+same patient-level one (every slide of a case in one split); the feature statistics
+(``data.standardize``) are the training slides' as before; ``max_bag_size`` subsamples the
+whole case bag. Only :class:`BagDataModule` (plain stores) builds case bags; the others
+refuse ``data.bag_level=case`` at config time (:meth:`SplitDataModule.check_bag_level`).
 """
 
 from __future__ import annotations
@@ -121,6 +132,42 @@ class BagDataset(Dataset):
                 "labels": {t: lab[sid] for t, lab in self.labels.items()}}
 
 
+class CaseBagDataset(BagDataset):
+    """Patient-level bags of one split (``data.bag_level=case``): one bag per case, every
+    instance of every slide of the case, each with the slide it came from.
+
+    Args:
+        store: feature store holding every slide.
+        cases: {case_id: its slides (in this split, with features)}, the bags in order.
+        labels: {target: {case_id: class index}} (:meth:`Manifest.labels_by_case`).
+        max_bag_size: if set, a random subset of at most this many of the case's instances
+            per visit (drawn from ``(seed, case index, epoch)``, as for slides).
+        scaler: standardises every slide's features as it is read (None: as stored).
+
+    Items hold ``slide_id`` (the case id, the bag's id), ``slides`` and ``slide_index`` (N,)
+    (each instance's slide, an index into ``slides``) besides the features and coords.
+    """
+
+    def __init__(self, store: FeatureStore, cases: dict[str, list[str]], labels: dict[str, dict[str, int]],
+                 max_bag_size: int | None = None, scaler: FeatureScaler | None = None, seed: int = 0) -> None:
+        super().__init__(store, list(cases), labels, max_bag_size=max_bag_size, scaler=scaler, seed=seed)
+        self.cases = {c: list(s) for c, s in cases.items()}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = index_and_epoch(key, self.epoch)
+        cid = self.slide_ids[i]
+        slides = self.cases[cid]
+        parts = [self.read(sid) for sid in slides]  # [((N_k, D), (N_k, 2))]
+        feats_t = torch.from_numpy(np.concatenate([f for f, _ in parts]))  # (N, D), N = sum N_k
+        coords_t = torch.from_numpy(np.concatenate([c for _, c in parts]))  # (N, 2), per slide's frame
+        index = torch.repeat_interleave(torch.arange(len(slides)), torch.tensor([len(f) for f, _ in parts]))  # (N,)
+        keep = self.subset(len(feats_t), i, epoch)
+        if keep is not None:
+            feats_t, coords_t, index = feats_t[keep], coords_t[keep], index[keep]
+        return {"features": feats_t, "coords": coords_t, "slide_id": cid, "slides": list(slides),
+                "slide_index": index, "labels": {t: lab[cid] for t, lab in self.labels.items()}}
+
+
 # ----------------------------------------------------------------------------- epoch keys
 def index_and_epoch(key: int | tuple[int, int], epoch: int) -> tuple[int, int]:
     """``(i, epoch)`` of a dataset key: an index, or an ``(index, epoch)`` pair."""
@@ -195,6 +242,24 @@ def datamodule_for(input_kind: str, tiling: str | None) -> type:
                       f"set tiling.multiscale.mode to one of {need}")
 
 
+BAG_LEVELS = ("slide", "case")
+
+
+def require_bag_level(cls: type, level: str) -> None:
+    """``level`` (``data.bag_level``) is one the DataModule class ``cls`` builds (its
+    ``bag_levels``), else a ConfigError naming the key, the DataModule and the fix."""
+    if level not in BAG_LEVELS:
+        raise ConfigError(f"config key 'data.bag_level' = {level!r}; expected one of {list(BAG_LEVELS)}")
+    if level in getattr(cls, "bag_levels", ("slide",)):
+        return
+    layout = getattr(cls, "layout", None)
+    what = "on-the-fly slide sampling" if layout is None else f"tiling.multiscale.mode={layout} stores"
+    raise ConfigError(f"data.bag_level={level}: {cls.__name__} ({what}) builds one bag per slide only; "
+                      "patient-level bags (one per case_id) are built from plain feature stores "
+                      "(tiling.multiscale.mode=none) for methods taking 'bag' input. Set "
+                      "data.bag_level=slide")
+
+
 class SplitDataModule(L.LightningDataModule):
     """What every DataModule shares: the manifest and its patient-level split, the class
     names, the loaders (training: a shuffling sampler of ``(index, epoch)`` keys; DDP: this
@@ -203,6 +268,14 @@ class SplitDataModule(L.LightningDataModule):
     Subclasses set ``datasets`` in ``setup`` (after :meth:`split`) and may override
     :meth:`loader_kwargs` (batch size, collate function, workers' settings).
     """
+
+    # data.bag_level values this DataModule builds: "slide" (one bag per slide), "case" (one per case_id)
+    bag_levels: ClassVar[tuple[str, ...]] = ("slide",)
+
+    @classmethod
+    def check_bag_level(cls, cfg: Any) -> None:
+        """Raise ConfigError if this DataModule cannot build ``data.bag_level`` bags (config time)."""
+        require_bag_level(cls, str(cfg.data.get("bag_level", "slide")))
 
     def __init__(self, manifest: Manifest, split: dict | None = None, batch_size: int = 1,
                  num_workers: int = 0, seed: int = 0) -> None:
@@ -277,10 +350,15 @@ class BagDataModule(SplitDataModule):
             (:class:`FeatureScaler`, fitted in ``setup()``).
         prepare: called by ``prepare_data()`` to fill the store (tiling + extraction); None
             when the store is already complete.
+        bag_level: ``slide`` (one bag per slide) or ``case`` (one per ``case_id``, every slide
+            of the case: :class:`CaseBagDataset`; the labels of a case's slides must agree,
+            checked here). With ``case``, ``splits`` still lists slides and ``cases`` lists
+            each split's cases; metrics and prediction rows are per case.
     """
 
     layout: ClassVar[str | None] = "none"
     input_kinds: ClassVar[tuple[str, ...]] = ("bag",)
+    bag_levels: ClassVar[tuple[str, ...]] = ("slide", "case")
 
     @classmethod
     def check_config(cls, cfg: Any, input_kind: str) -> None:
@@ -291,7 +369,7 @@ class BagDataModule(SplitDataModule):
         """The ``data:`` arguments every feature-bag DataModule takes."""
         return dict(split=to_dict(cfg.data.split), batch_size=int(cfg.data.batch_size),
                     max_bag_size=cfg.data.max_bag_size, num_workers=int(cfg.data.num_workers), prepare=prepare,
-                    standardize=bool(cfg.data.standardize))
+                    standardize=bool(cfg.data.standardize), bag_level=str(cfg.data.get("bag_level", "slide")))
 
     @classmethod
     def from_config(cls, cfg: Any, manifest: Manifest, store: str | Path,
@@ -300,8 +378,14 @@ class BagDataModule(SplitDataModule):
 
     def __init__(self, manifest: Manifest, store: str | Path, split: dict | None = None,
                  batch_size: int = 1, max_bag_size: int | None = None, num_workers: int = 0,
-                 prepare: Callable[[], object] | None = None, standardize: bool = False) -> None:
+                 prepare: Callable[[], object] | None = None, standardize: bool = False,
+                 bag_level: str = "slide") -> None:
+        require_bag_level(type(self), bag_level)
         super().__init__(manifest, split, batch_size, num_workers, seed=int((split or {}).get("seed", 0)))
+        self.bag_level = bag_level
+        # case bags: the labels of a case's slides must agree; fails before any data work
+        self.case_labels = manifest.labels_by_case() if bag_level == "case" else None
+        self.cases: dict[str, list[str]] = {}  # case bags: split -> case ids
         self.store = FeatureStore(store)
         self.max_bag_size = max_bag_size
         self._prepare, self._prepared = prepare, False
@@ -347,14 +431,30 @@ class BagDataModule(SplitDataModule):
             raise StoreError("data.standardize=true but there is no training slide to fit the feature "
                              "statistics on and none were restored from a checkpoint (run.restore_datamodule); "
                              "test or predict from a checkpoint of a run trained with this version")
-        labels = self.manifest.labels_by_slide()
         if self.standardize and self.scaler is None:  # restored by load_state_dict: kept as trained
             self.scaler = FeatureScaler.fit(self.store, self.splits["train"], seed=int(s.get("seed", 0)))
+        if self.bag_level == "case":
+            self._setup_cases(int(s.get("seed", 0)))
+            return
+        labels = self.manifest.labels_by_slide()
         for name, ids in self.splits.items():
             mbs = self.max_bag_size if name == "train" else None
             self.datasets[name] = BagDataset(self.store, ids, labels, max_bag_size=mbs, scaler=self.scaler,
                                              seed=int(s.get("seed", 0)))
         log.info("splits (slides): %s", {k: len(v) for k, v in self.splits.items()})
+
+    def _setup_cases(self, seed: int) -> None:
+        """One :class:`CaseBagDataset` per split: each case of the split with its slides that
+        have features (a case with none left is left out, its slides counted in ``left_out``)."""
+        for name, ids in self.splits.items():
+            have = set(ids)
+            cases = {c: [x for x in slides if x in have] for c, slides in self.manifest.cases().items()}
+            cases = {c: v for c, v in sorted(cases.items()) if v}
+            self.cases[name] = list(cases)
+            mbs = self.max_bag_size if name == "train" else None
+            self.datasets[name] = CaseBagDataset(self.store, cases, self.case_labels, max_bag_size=mbs,
+                                                 scaler=self.scaler, seed=seed)
+        log.info("splits (cases / slides): %s", {k: f"{len(self.cases[k])} / {len(v)}" for k, v in self.splits.items()})
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the training-set feature statistics, so a test or

@@ -191,6 +191,7 @@ class MultiScaleBagDataModule(BagDataModule):
 
     layout = "concentric"
     input_kinds = ("bag", "multiscale")
+    bag_levels = ("slide",)  # one bag per slide: data.bag_level=case is refused at config time
 
     @classmethod
     def check_config(cls, cfg: Any, input_kind: str) -> None:

@@ -114,6 +114,7 @@ class QuadtreeBagDataModule(BagDataModule):
 
     layout = "quadtree"
     input_kinds = ("bag", "quadtree")
+    bag_levels = ("slide",)  # one bag per slide: data.bag_level=case is refused at config time
 
     @classmethod
     def check_config(cls, cfg: Any, input_kind: str) -> None:

@@ -3,8 +3,9 @@
 A method is a pure-torch ``nn.Module`` (``Net``) mapping a :class:`~wsi_lightning.data.batch.Bag`
 to a :class:`MILOutput`, plus a registered ``MILModule`` subclass naming that net. The module
 adds the task loss (a weighted sum of per-target cross-entropies) to the net's named auxiliary
-losses, logs every term, computes metrics, writes per-slide predictions and keeps the last
-output where callbacks can read it (``module.last_output``).
+losses, logs every term, computes metrics, writes per-slide predictions (per case for
+patient-level bags, ``data.bag_level=case``) and keeps the last output where callbacks can
+read it (``module.last_output``).
 """
 
 from __future__ import annotations
@@ -121,19 +122,34 @@ def _mean_by_slide(ids: list[str], probs: dict[str, torch.Tensor], labels: dict[
     return uniq, out_p, {t: y[first] for t, y in labels.items()}
 
 
+ID_COLUMNS = ("slide_id", "case_id")  # the first column of a predictions CSV: what a row is
+
+
+def _bag_slides(bag: Bag) -> list[str]:
+    """The slides of a batch (of every case, for patient-level bags)."""
+    slides = getattr(bag, "slides", None)
+    return list(bag.slide_ids) if slides is None else [sid for case in slides for sid in case]
+
+
 def prediction_rows(slide_ids: list[str], probs: dict[str, Any], labels: dict[str, Any],
-                    class_names: dict[str, list[str]]) -> list[dict[str, Any]]:
+                    class_names: dict[str, list[str]],
+                    slides: list[list[str]] | None = None) -> list[dict[str, Any]]:
     """Rows of ``{stage}_predictions.csv``, for every method (``MILModule`` and the
     ``SlideEstimator`` baselines alike): ``slide_id``, then per target ``label`` (empty when
     unknown), ``pred`` and ``prob_<class>``, prefixed ``<target>_`` when there are several.
+    Patient-level bags (``slides`` given) are one row per case: ``case_id`` and ``slide_ids``
+    (the case's slides joined with ``;``) instead of ``slide_id``.
 
     Args:
+        slide_ids: the bags' ids (case ids with ``slides``).
         probs: {target: (B, C) probabilities} (tensors or arrays); labels: {target: (B,)}.
+        slides: per bag, the slides of its case (``Bag.slides``); None for slide bags.
     """
     targets = list(probs)
     rows = []
     for i, sid in enumerate(slide_ids):
-        row: dict[str, Any] = {"slide_id": sid}
+        row: dict[str, Any] = ({"slide_id": sid} if slides is None
+                               else {"case_id": sid, "slide_ids": ";".join(slides[i])})
         for t in targets:
             pre, names = ("" if len(targets) == 1 else f"{t}_"), class_names[t]
             y = int(labels[t][i])
@@ -143,6 +159,16 @@ def prediction_rows(slide_ids: list[str], probs: dict[str, Any], labels: dict[st
                 row[f"{pre}prob_{name}"] = float(probs[t][i][c])
         rows.append(row)
     return rows
+
+
+def prediction_frame(rows: list[dict[str, Any]]) -> Any:
+    """Prediction rows as the CSV's DataFrame, sorted by their id column (``slide_id`` or
+    ``case_id``)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    key = next((c for c in ID_COLUMNS if c in df.columns), None)
+    return df if key is None else df.sort_values(key)
 
 
 def net_arguments(net_cls: type[nn.Module]) -> dict[str, Any]:
@@ -293,9 +319,13 @@ class MILModule(L.LightningModule):
         ids, labels = bag.slide_ids, bag.labels
         if len(set(ids)) < len(ids):  # several bags of one slide (test-time bag sampling): average
             ids, probs, labels = _mean_by_slide(ids, probs, labels)
-        self.metrics[f"{stage}_metrics"].update(probs, labels)
+        self.metrics[f"{stage}_metrics"].update(probs, labels)  # per bag: per slide, or per case
         if stage != "train":
-            self._record(ids, labels, probs)
+            slides = getattr(bag, "slides", None)  # patient-level bags: each case's slides
+            if slides is not None:
+                slides_of = dict(zip(bag.slide_ids, slides, strict=True))
+                slides = [slides_of[i] for i in ids]
+            self._record(ids, labels, probs, slides)
         return loss
 
     def check_finite(self, loss: torch.Tensor, bag: Bag) -> None:
@@ -306,7 +336,7 @@ class MILModule(L.LightningModule):
 
             raise WSIError(
                 f"non-finite training loss ({float(loss.detach().float().sum())}) at epoch "
-                f"{self.current_epoch}, step {self.global_step}, on slides {list(bag.slide_ids)}; "
+                f"{self.current_epoch}, step {self.global_step}, on slides {_bag_slides(bag)}; "
                 "check those slides' features (wsi extract rewrites them) or lower optim.lr")
 
     def log_mean(self, name: str, value: torch.Tensor | float, batch_size: int, prog_bar: bool = False) -> None:
@@ -392,9 +422,10 @@ class MILModule(L.LightningModule):
         self._epoch_end("test")
 
     # ----------------------------------------------------------------- predictions
-    def _record(self, slide_ids: list[str], labels: dict[str, torch.Tensor], probs: dict[str, torch.Tensor]) -> None:
+    def _record(self, slide_ids: list[str], labels: dict[str, torch.Tensor], probs: dict[str, torch.Tensor],
+                slides: list[list[str]] | None = None) -> None:
         self._records += prediction_rows(slide_ids, {t: probs[t].cpu() for t in self.targets}, labels,
-                                         self.class_names)
+                                         self.class_names, slides)
 
     def gathered_records(self) -> list[dict]:
         """This epoch's prediction rows from every rank (each slide once)."""
@@ -409,11 +440,9 @@ class MILModule(L.LightningModule):
         pdir = self.hparams.get("predictions_dir")
         if not pdir or not self.trainer.is_global_zero or not rows:
             return
-        import pandas as pd
-
         path = Path(pdir) / f"{stage}_predictions.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).sort_values("slide_id").to_csv(path, index=False)
+        prediction_frame(rows).to_csv(path, index=False)
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:

@@ -4,7 +4,9 @@ classification with graph convolutional networks", ICLR 2017.
 
 Patches are nodes; edges join spatially close patches (their level-0 ``bag.coords``): the ``k``
 nearest valid patches (``graph=knn``, symmetrised) or every valid patch within ``radius``
-level-0 pixels (``graph=radius``). Each layer is Kipf's ``H' = ReLU(Â H W)`` with
+level-0 pixels (``graph=radius``); in a patient-level bag (``data.bag_level=case``) only patches
+of the same slide are joined (``Bag.slide_index``: every slide has its own coordinate frame).
+Each layer is Kipf's ``H' = ReLU(Â H W)`` with
 ``Â = D^-1/2 (A + I) D^-1/2``; a max-pool over the valid nodes reads the slide out, one linear
 softmax head per tag classifies it. Padded nodes have no edges and never reach the readout.
 
@@ -32,7 +34,7 @@ GRAPHS = ("knn", "radius")
 
 
 def spatial_adjacency(coords: torch.Tensor, mask: torch.Tensor, graph: str = "knn", k: int = 8,
-                      radius: float | None = None) -> torch.Tensor:
+                      radius: float | None = None, group: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric 0/1 adjacency between the valid patches of each bag, without self-loops.
 
     Args:
@@ -42,6 +44,8 @@ def spatial_adjacency(coords: torch.Tensor, mask: torch.Tensor, graph: str = "kn
             ``radius`` (patches at most ``radius`` level-0 px apart).
         k: neighbours per patch for ``knn``.
         radius: distance threshold for ``radius``.
+        group: (B, N) int64, e.g. each patch's slide in a patient-level bag; only patches of
+            one group are joined. None: one group.
 
     Returns:
         (B, N, N) float adjacency; rows and columns of padded patches are 0.
@@ -49,6 +53,8 @@ def spatial_adjacency(coords: torch.Tensor, mask: torch.Tensor, graph: str = "kn
     c = coords.double()
     dist = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N, N) exact
     pair = mask[:, :, None] & mask[:, None, :]  # (B, N, N) both valid
+    if group is not None:
+        pair = pair & (group[:, :, None] == group[:, None, :])  # (B, N, N) same slide
     eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)[None]  # (1, N, N)
     if graph == "radius":
         adj = (dist <= float(radius)) & pair & ~eye
@@ -111,7 +117,8 @@ class GCNNet(nn.Module):
 
     def forward(self, bag: Bag) -> MILOutput:
         mask = bag.mask  # (B, N)
-        adj = spatial_adjacency(bag.coords, mask, self.graph, self.k, self.radius)  # (B, N, N)
+        group = getattr(bag, "slide_index", None)  # patient-level bags: no edges between slides
+        adj = spatial_adjacency(bag.coords, mask, self.graph, self.k, self.radius, group)  # (B, N, N)
         a_hat = normalised_adjacency(adj, mask)  # (B, N, N)
         h = bag.features.masked_fill(~mask[..., None], 0.0)  # (B, N, D)
         for layer in self.layers:

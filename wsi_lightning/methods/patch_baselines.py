@@ -22,9 +22,11 @@ API::
     result = run.fit(cfg)                                 # method.name: patch_lr | patch_svm
 
 Items are what ``BagDataset[i]`` returns: ``{"features": (N, D), "labels": {tag: int},
-"slide_id": str}``. ``evaluate`` writes ``{val,test}_predictions.csv`` in MILModule's format (so
-:mod:`wsi_lightning.analysis.confusion` and the tables read them) and returns the same metric keys
-(``test/f1_macro``, ``test/<tag>/f1_micro``...).
+"slide_id": str}`` (with ``data.bag_level=case``, what ``CaseBagDataset[i]`` returns: one item
+per case, whose patches inherit the case's tags). ``evaluate`` writes
+``{val,test}_predictions.csv`` in MILModule's format (a row per slide, or per case; so
+:mod:`wsi_lightning.analysis.confusion` and the tables read them) and returns the same metric
+keys (``test/f1_macro``, ``test/<tag>/f1_micro``...).
 
 Deviations from paper:
     - Hou et al.'s patch level is a CNN trained with an EM patch selection; here it is a linear
@@ -46,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_lightning.methods.base import SlideEstimator, prediction_rows
+from wsi_lightning.methods.base import prediction_frame as rows_frame
 from wsi_lightning.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -202,9 +205,10 @@ def _slide_proba(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
 
 # --------------------------------------------------------------------- runs
 def prediction_frame(ids: list[str], probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                     class_names: dict[str, list[str]]) -> pd.DataFrame:
-    """:func:`~wsi_lightning.methods.base.prediction_rows` as a frame sorted by slide."""
-    return pd.DataFrame(prediction_rows(ids, probs, labels, class_names)).sort_values("slide_id")
+                     class_names: dict[str, list[str]], slides: list[list[str]] | None = None) -> pd.DataFrame:
+    """:func:`~wsi_lightning.methods.base.prediction_rows` as a frame sorted by slide (by case,
+    with each case's ``slides``, for patient-level bags)."""
+    return rows_frame(prediction_rows(ids, probs, labels, class_names, slides))
 
 
 def evaluate(estimator: PatchBaseline, datamodule: Any, run_dir: str | Path, confusion: bool = True) -> dict[str, float]:
@@ -228,7 +232,9 @@ def evaluate(estimator: PatchBaseline, datamodule: Any, run_dir: str | Path, con
         items = [ds[stage][i] for i in range(len(ds[stage]))]
         ids, probs = model.predict_proba(items)
         labels = {t: np.array([it["labels"][t] for it in items]) for t in probs}
-        prediction_frame(ids, probs, labels, datamodule.class_names).to_csv(run_dir / f"{stage}_predictions.csv", index=False)
+        slides = [it["slides"] for it in items] if items and "slides" in items[0] else None  # case bags
+        prediction_frame(ids, probs, labels, datamodule.class_names, slides).to_csv(
+            run_dir / f"{stage}_predictions.csv", index=False)
         tm = TaskMetrics(datamodule.num_classes)
         tm.update({t: torch.from_numpy(p).float() for t, p in probs.items()},
                   {t: torch.from_numpy(y) for t, y in labels.items()})
