@@ -153,3 +153,21 @@ def test_predict_an_end_to_end_method(tmp_path: Path):
     run.predict(res.run_dir, new, out=tmp_path / "pred")
     pred = pd.read_csv(tmp_path / "pred" / "predictions.csv", dtype={"slide_id": str})
     np.testing.assert_allclose(pred["prob_tumor"], test.sort_values("slide_id")["prob_tumor"], atol=1e-5)
+
+
+def test_predict_patient_level_bags(tmp_path: Path):
+    """data.bag_level=case: one prediction row per case, as the fit's test; resumed by slide."""
+    from tests.conftest import make_case_bags
+
+    manifest = make_case_bags(tmp_path / "cases", n_cases=16)
+    res = run.fit(config.load("abmil", feature_cfg_overrides(manifest, tmp_path / "runs", **{
+        "data.bag_level": "case", "trainer.max_epochs": 2})))
+    test = pd.read_csv(res.run_dir / "test_predictions.csv", dtype=str)
+    slides = [s for cell in test["slide_ids"] for s in cell.split(";")]
+    new = unlabelled_copy(manifest, slides, tmp_path / "new.csv")
+    run.predict(res.run_dir, new, out=tmp_path / "pred")
+    pred = pd.read_csv(tmp_path / "pred" / "predictions.csv", dtype={"case_id": str})
+    assert list(pred["case_id"]) == sorted(test["case_id"])
+    np.testing.assert_allclose(pred[PROB], test.sort_values("case_id")[PROB].astype(float), atol=1e-6)
+    out = run.predict(res.run_dir, new, out=tmp_path / "pred")  # every slide done: nothing to redo
+    assert out.metrics == {}

@@ -418,7 +418,7 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = 
     model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", predictions_dir=str(out), weights_only=True)
     classes = {t: list(c) for t, c in model.class_names.items()}
     all_ids = list(build.build_datamodule(pcfg, predict=classes).manifest.df["slide_id"])
-    todo = [s for s in all_ids if s not in set(done["slide_id"])] if done is not None else all_ids
+    todo = [s for s in all_ids if s not in _predicted_slides(done)] if done is not None else all_ids
     if not todo:
         log.info("wsi predict: all %d slides of %s are already in %s (checkpoint %s)", len(all_ids),
                  manifest, pred_csv, ckpt_path)
@@ -463,6 +463,13 @@ def _dotted(d: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")]
 
 
+def _predicted_slides(done: Any) -> set[str]:
+    """The slides of earlier prediction rows (a patient-level row lists its slides in ``slide_ids``)."""
+    if "slide_id" in done.columns:
+        return set(done["slide_id"].astype(str))
+    return {s for cell in done["slide_ids"].astype(str) for s in cell.split(";")}
+
+
 def _previous_predictions(pred_csv: Path, att_csv: Path, ckpt_path: Path) -> tuple[Any, Any]:
     """The rows of an earlier ``wsi predict`` into the same folder with the same checkpoint
     (kept; their slides are not predicted again), or (None, None)."""
@@ -470,7 +477,7 @@ def _previous_predictions(pred_csv: Path, att_csv: Path, ckpt_path: Path) -> tup
 
     if not pred_csv.is_file():
         return None, None
-    done = pd.read_csv(pred_csv, dtype={"slide_id": str})
+    done = pd.read_csv(pred_csv, dtype={"slide_id": str, "case_id": str, "slide_ids": str})
     if set(done.get("checkpoint", pd.Series(dtype=str)).astype(str)) != {str(ckpt_path)}:
         log.warning("wsi predict: %s came from another checkpoint; predicting every slide again", pred_csv)
         return None, None
@@ -489,7 +496,7 @@ def _merge_predictions(out: Path, pred_csv: Path, att_csv: Path, done: Any, done
     new["checkpoint"] = str(ckpt_path)
     rows = new if done is None else pd.concat([done, new], ignore_index=True)
     tmp = pred_csv.with_name(f".{pred_csv.name}.{os.getpid()}.tmp")
-    rows.sort_values("slide_id").to_csv(tmp, index=False)
+    rows.sort_values("slide_id" if "slide_id" in rows.columns else "case_id").to_csv(tmp, index=False)
     os.replace(tmp, pred_csv)
     new_csv.unlink(missing_ok=True)
     if done_att is not None and att_csv.is_file():
