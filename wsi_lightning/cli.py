@@ -10,6 +10,7 @@ each command so that ``wsi --help`` answers at once.
     wsi fit EXP [key=value ...] [--resume RUN_DIR]
     wsi test RUN_DIR [--ckpt best|last|PATH]
     wsi attribute RUN_DIR [option=value ...]
+    wsi view FOLDER [--out DIR] [--slides a,b] [--max-slides N] [--top-k K]
     wsi manifest camelyon16 ROOT [--out FILE]
     wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2]
     wsi sweep NAME [--count N] [--offline|--online] [key=value ...]
@@ -215,6 +216,15 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    from wsi_lightning.viewer import build_viewer
+
+    slides = [s for s in args.slides.split(",") if s] if args.slides else None
+    build_viewer(Path(args.folder), out=Path(args.out) if args.out else None, slides=slides,
+                 max_slides=args.max_slides, top_k=args.top_k)
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from wsi_lightning.data.camelyon16 import build_camelyon16_manifest
 
@@ -342,6 +352,15 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="FeatureAttribution options, e.g. top_features=7 tile_rule=overlap")
     s.add_argument("--ckpt", default="best", help="best (default), last, or a .ckpt file")
     s.set_defaults(func=cmd_attribute)
+
+    s = sub.add_parser("view", help="a static browser viewer (slides, heat-maps, lesions, predictions) of a run "
+                       "or predict folder; open its index.html from disk")
+    s.add_argument("folder", help="runs/<exp>/<timestamp> or a wsi predict output folder")
+    s.add_argument("--out", default=None, help="viewer folder (default FOLDER/viewer)")
+    s.add_argument("--slides", default=None, help="comma-separated slide ids (default: every predicted slide)")
+    s.add_argument("--max-slides", type=int, default=None, help="at most N slides (in id order)")
+    s.add_argument("--top-k", type=int, default=10, help="most attended tiles marked per slide (default 10)")
+    s.set_defaults(func=cmd_view)
     return p
 
 
