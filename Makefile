@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# OpenSeadragon for `wsi view`, from the npm registry into .vendor/ (pinned; wsi_lightning/viewer/assets.py
+# names the same version, and tests/test_viewer.py checks that they agree)
+OSD_VERSION := 6.1.1
+OSD    := .vendor/node_modules/openseadragon/.installed-$(OSD_VERSION)
+SETUP  := $(STAMP) $(OSD)
 EXP    ?= abmil
 TABLE  ?=
 DATA   ?= demo
@@ -20,15 +25,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the package (done automatically by other targets)
+# without npm (or the registry) everything but `wsi view` still works: a warning, and the next make retries
+$(OSD):
+	@if ! command -v npm >/dev/null; then \
+	  echo "warning: npm not found, so wsi view has no OpenSeadragon; install Node.js + npm (apt-get install -y npm) and rerun make install"; \
+	elif npm install --prefix .vendor openseadragon@$(OSD_VERSION) --no-audit --no-fund --loglevel=error; then \
+	  touch $(OSD); \
+	else echo "warning: npm install openseadragon@$(OSD_VERSION) failed; wsi view needs it (rerun make install)"; fi
 
-test: $(STAMP)  ## fast unit suite + DDP test (offline, CPU, < 10 min)
+install: $(SETUP)  ## create .venv, install the package and OpenSeadragon (done automatically by other targets)
+
+test: $(SETUP)  ## fast unit suite + DDP test (offline, CPU, < 10 min)
 	$(PY) -m pytest -m "not slow and not gpu" -q $(ARGS)
 
-test-all: $(STAMP)  ## everything, slow and gpu-marked included (gpu skips without CUDA)
+test-all: $(SETUP)  ## everything, slow and gpu-marked included (gpu skips without CUDA)
 	$(PY) -m pytest -q $(ARGS)
 
-exp: $(STAMP)  ## run an experiment: make exp EXP=abmil [ARGS="trainer.max_epochs=5"]
+exp: $(SETUP)  ## run an experiment: make exp EXP=abmil [ARGS="trainer.max_epochs=5"]
 	$(VENV)/bin/wsi fit $(EXP) $(ARGS)
 
 demo-data: $(STAMP)  ## generate the built-in synthetic demo slides
@@ -37,10 +50,10 @@ demo-data: $(STAMP)  ## generate the built-in synthetic demo slides
 bench: $(STAMP)  ## benchmarks (bench/results/*.json): make bench [ARGS="--quick --only sampling --results DIR"]
 	$(PY) -m bench $(ARGS)
 
-reproduce: $(STAMP)  ## paper tables: make reproduce [TABLE=interpretability] [DATA=demo|camelyon16]
+reproduce: $(SETUP)  ## paper tables: make reproduce [TABLE=interpretability] [DATA=demo|camelyon16]
 	$(VENV)/bin/wsi reproduce $(TABLE) --data $(DATA) $(ARGS)
 
-sweep: $(STAMP)  ## hyperparameter sweep: make sweep SWEEP=abmil_lr [ARGS="--count 4 --offline"]
+sweep: $(SETUP)  ## hyperparameter sweep: make sweep SWEEP=abmil_lr [ARGS="--count 4 --offline"]
 	$(VENV)/bin/wsi sweep $(SWEEP) $(ARGS)
 
 lint: $(STAMP)  ## ruff

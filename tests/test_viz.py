@@ -107,3 +107,17 @@ def test_figures_are_written_as_png(tmp_path: Path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["h.png", "m.png"], "no temp files left"
     with pytest.raises(ValueError, match="2 tiles but 1 labels"):
         viz.tile_montage([thumb, thumb], ["x"], 2, tmp_path / "bad.png")
+
+
+def test_tile_rgba_is_the_heatmap_colour_on_a_transparent_layer():
+    coords, values = np.array([[64, 32], [0, 0], [128, 0]]), np.array([1.0, np.nan, 0.0])
+    rgba = viz.tile_rgba(values, coords, 64, (40, 50), 0.25)
+    assert rgba.shape == (40, 50, 4) and rgba.dtype == np.uint8
+    opaque = np.zeros((40, 50), bool)
+    opaque[8:24, 16:32] = opaque[0:16, 32:48] = True  # the NaN tile is left transparent
+    np.testing.assert_array_equal(rgba[..., 3] == 255, opaque)
+    assert (rgba[~opaque] == 0).all()
+    np.testing.assert_array_equal(rgba[10, 20, :3], [128, 0, 0])  # jet(1): dark red
+    np.testing.assert_array_equal(rgba[4, 40, :3], [0, 0, 128])  # jet(0): dark blue
+    same = viz.tile_heatmap(values, coords, 64, np.zeros((40, 50, 3), np.uint8), 0.25, alpha=1.0)
+    np.testing.assert_array_equal(same[opaque], rgba[opaque][:, :3])

@@ -13,6 +13,7 @@ each command so that ``wsi --help`` answers at once.
     wsi attribute RUN_DIR [option=value ...]
     wsi runs [DIR] [--csv FILE]
     wsi export-qupath FOLDER [--out DIR] [--map NAME]
+    wsi view FOLDER [--out DIR] [--slides a,b] [--max-slides N] [--top-k K]
     wsi manifest camelyon16 ROOT [--out FILE]
     wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2] [--jobs N]
     wsi sweep NAME [--count N] [--offline|--online] [key=value ...]
@@ -303,6 +304,15 @@ def cmd_export_qupath(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    from wsi_lightning.viewer import build_viewer
+
+    slides = [s for s in args.slides.split(",") if s] if args.slides else None
+    build_viewer(Path(args.folder), out=Path(args.out) if args.out else None, slides=slides,
+                 max_slides=args.max_slides, top_k=args.top_k)
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from wsi_lightning.data.camelyon16 import build_camelyon16_manifest
 
@@ -460,6 +470,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--map", default=None, help="export one attention map only (a value of attention.csv's "
                    "map column: a head 0..H-1, a HAG-MIL level name, ...)")
     s.set_defaults(func=cmd_export_qupath)
+    s = sub.add_parser("view", help="a static browser viewer (slides, heat-maps, lesions, predictions) of a run "
+                       "or predict folder; open its index.html from disk")
+    s.add_argument("folder", help="runs/<exp>/<timestamp> or a wsi predict output folder")
+    s.add_argument("--out", default=None, help="viewer folder (default FOLDER/viewer)")
+    s.add_argument("--slides", default=None, help="comma-separated slide ids (default: every predicted slide)")
+    s.add_argument("--max-slides", type=int, default=None, help="at most N slides (in id order)")
+    s.add_argument("--top-k", type=int, default=10, help="most attended tiles marked per slide (default 10)")
+    s.set_defaults(func=cmd_view)
     return p
 
 

@@ -99,6 +99,50 @@ def to_unit(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- heat-map
+def tile_means(
+    values: np.ndarray,
+    coords: np.ndarray,
+    extent_level0: float,
+    shape: tuple[int, int],
+    scale: float,
+) -> np.ndarray:
+    """Each pixel's mean value over the tiles covering it, on an image ``scale`` times level 0.
+
+    A tile covers pixels ``round(x * s) .. round((x + extent) * s)`` (at least one pixel), so a
+    dense grid of tiles paints the tissue without gaps or overlaps; where tiles do overlap their
+    values are averaged.
+
+    Args:
+        values: (N,) per-tile values; NaN tiles are not painted.
+        coords: (N, 2) level-0 (x, y) top-left corner of each tile.
+        extent_level0: tile side in level-0 pixels.
+        shape: (h, w) of the image.
+        scale: image pixels per level-0 pixel.
+
+    Returns:
+        (h, w) float64 means, NaN where no tile lies.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if len(values) != len(coords):
+        raise ValueError(f"tile values and coords differ: {len(values)} values but {len(coords)} coords")
+    h, w = int(shape[0]), int(shape[1])
+    total = np.zeros((h, w), np.float64)
+    count = np.zeros((h, w), np.int32)
+    x0 = np.round(coords[:, 0] * scale).astype(np.int64)
+    y0 = np.round(coords[:, 1] * scale).astype(np.int64)
+    x1 = np.maximum(np.round((coords[:, 0] + extent_level0) * scale).astype(np.int64), x0 + 1)
+    y1 = np.maximum(np.round((coords[:, 1] + extent_level0) * scale).astype(np.int64), y0 + 1)
+    for i in np.flatnonzero(np.isfinite(values)):
+        xa, xb = max(x0[i], 0), min(x1[i], w)
+        ya, yb = max(y0[i], 0), min(y1[i], h)
+        if xa < xb and ya < yb:
+            total[ya:yb, xa:xb] += values[i]
+            count[ya:yb, xa:xb] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def tile_heatmap(
     values: np.ndarray,
     coords: np.ndarray,
@@ -110,9 +154,7 @@ def tile_heatmap(
 ) -> np.ndarray:
     """Paint each tile's square with its value's colour, blended over the thumbnail.
 
-    A tile covers thumbnail pixels ``round(x * s) .. round((x + extent) * s)`` (at least one
-    pixel), so a dense grid of tiles paints the tissue without gaps or overlaps; where tiles
-    do overlap their values are averaged.
+    Tiles are placed as :func:`tile_means` places them (overlaps averaged).
 
     Args:
         values: (N,) per-tile values in [0, 1]; NaN tiles are not painted.
@@ -128,30 +170,47 @@ def tile_heatmap(
     """
     import matplotlib
 
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    if len(values) != len(coords):
-        raise ValueError(f"tile_heatmap: {len(values)} values but {len(coords)} coords")
-    h, w = thumb.shape[:2]
-    total = np.zeros((h, w), np.float64)
-    count = np.zeros((h, w), np.int32)
-    x0 = np.round(coords[:, 0] * thumb_scale).astype(np.int64)
-    y0 = np.round(coords[:, 1] * thumb_scale).astype(np.int64)
-    x1 = np.maximum(np.round((coords[:, 0] + extent_level0) * thumb_scale).astype(np.int64), x0 + 1)
-    y1 = np.maximum(np.round((coords[:, 1] + extent_level0) * thumb_scale).astype(np.int64), y0 + 1)
-    for i in np.flatnonzero(np.isfinite(values)):
-        xa, xb = max(x0[i], 0), min(x1[i], w)
-        ya, yb = max(y0[i], 0), min(y1[i], h)
-        if xa < xb and ya < yb:
-            total[ya:yb, xa:xb] += values[i]
-            count[ya:yb, xa:xb] += 1
-    painted = count > 0
+    mean = tile_means(values, coords, extent_level0, thumb.shape[:2], thumb_scale)
+    painted = np.isfinite(mean)
     out = thumb[..., :3].copy()
     if painted.any():
-        mean = np.clip(total[painted] / count[painted], 0.0, 1.0)
-        colour = matplotlib.colormaps[cmap](mean)[:, :3] * 255.0  # (P, 3)
+        colour = matplotlib.colormaps[cmap](np.clip(mean[painted], 0.0, 1.0))[:, :3] * 255.0  # (P, 3)
         base = out[painted].astype(np.float64)
         out[painted] = np.clip(np.round((1 - alpha) * base + alpha * colour), 0, 255).astype(np.uint8)
+    return out
+
+
+def tile_rgba(
+    values: np.ndarray,
+    coords: np.ndarray,
+    extent_level0: float,
+    shape: tuple[int, int],
+    scale: float,
+    cmap: str = "jet",
+) -> np.ndarray:
+    """The tiles' colours as a layer of its own: opaque where a tile lies, transparent elsewhere
+    (for a viewer that sets the opacity itself). Tiles are placed as :func:`tile_means` does.
+
+    Args:
+        values: (N,) per-tile values in [0, 1]; NaN tiles are not painted.
+        coords: (N, 2) level-0 (x, y) top-left corner of each tile.
+        extent_level0: tile side in level-0 pixels.
+        shape: (h, w) of the layer.
+        scale: layer pixels per level-0 pixel.
+        cmap: matplotlib colormap name.
+
+    Returns:
+        (h, w, 4) uint8 RGBA.
+    """
+    import matplotlib
+
+    mean = tile_means(values, coords, extent_level0, shape, scale)
+    painted = np.isfinite(mean)
+    out = np.zeros((*mean.shape, 4), np.uint8)
+    if painted.any():
+        rgb = matplotlib.colormaps[cmap](np.clip(mean[painted], 0.0, 1.0))[:, :3] * 255.0  # (P, 3)
+        out[painted, :3] = np.round(rgb).astype(np.uint8)
+        out[painted, 3] = 255
     return out
 
 
