@@ -76,6 +76,18 @@ def test_max_bag_size_subsamples_the_whole_case_in_training_only(case_data: Path
     assert min(int(b.mask.sum()) for b in dm.test_dataloader()) > 12  # evaluation: every instance
 
 
+def test_a_slide_the_store_lacks_leaves_its_case_with_the_others(case_data: Path, tmp_path: Path):
+    df = pd.read_csv(case_data)
+    lost = df[df["case_id"] == "c002"].iloc[[0]].assign(slide_id="c002_s9")  # no features in the store
+    path = tmp_path / "lost.csv"
+    pd.concat([df, lost]).to_csv(path, index=False)
+    dm = case_dm(path)
+    split = next(k for k, v in dm.left_out.items() if v)
+    assert dm.left_out[split] == ["c002_s9"]
+    ds = dm.datasets[split]
+    assert ds.cases["c002"] == list(df.loc[df["case_id"] == "c002", "slide_id"])
+
+
 def test_standardisation_is_the_training_slides_as_for_slide_bags(case_data: Path):
     cases = case_dm(case_data, standardize=True)
     m = load_manifest(case_data, "label", check_files=False)

@@ -180,7 +180,10 @@ def collate_multiscale(items: list[dict]) -> Bag:
 
 @DATAMODULES.register("multiscale_bags")
 class MultiScaleBagDataModule(BagDataModule):
-    """Args (beyond :class:`BagDataModule`'s):
+    """Multi-scale bags from a concentric store, one per slide (``data.bag_level=case`` is
+    refused at config time: the scale views and cluster sampling are per slide).
+
+    Args (beyond :class:`BagDataModule`'s):
         mode: scale view (``stack | select | flatten | sum | concat``).
         scale: the scale of ``select``.
         sampling: cluster-stratified bags (CS-MIL); None uses whole bags.

@@ -107,7 +107,10 @@ def collate_quadtree(items: list[dict]) -> Bag:
 
 @DATAMODULES.register("quadtree_bags")
 class QuadtreeBagDataModule(BagDataModule):
-    """Args (beyond :class:`BagDataModule`'s):
+    """Quadtree bags, one per slide (``data.bag_level=case`` is refused at config time: the
+    parent indices and levels are per slide).
+
+    Args (beyond :class:`BagDataModule`'s):
         level: None yields every level (``Bag.levels``); an int yields that level alone as a
             plain bag (0 = coarsest, -1 = finest).
     """

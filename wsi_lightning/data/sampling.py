@@ -679,6 +679,7 @@ class SlideSamplingDataModule(SplitDataModule):
     Splits, labels, DDP sharding and ``prepare_data`` follow :class:`BagDataModule`: a
     patient-level split, ``{target: {slide_id: class index}}`` labels, a shuffling
     ``DistributedSampler`` for training and disjoint unpadded shares for validation / test.
+    One bag per slide: ``data.bag_level=case`` (patient-level bags) is refused at config time.
 
     Args:
         manifest: the validated slide manifest.
