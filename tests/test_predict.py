@@ -171,3 +171,16 @@ def test_predict_patient_level_bags(tmp_path: Path):
     np.testing.assert_allclose(pred[PROB], test.sort_values("case_id")[PROB].astype(float), atol=1e-6)
     out = run.predict(res.run_dir, new, out=tmp_path / "pred")  # every slide done: nothing to redo
     assert out.metrics == {}
+
+
+def test_outputs_of_a_patient_level_run_are_per_slide(tmp_path: Path):
+    from tests.conftest import make_case_bags
+    from wsi_lightning.outputs import load_outputs
+
+    manifest = make_case_bags(tmp_path / "cases", n_cases=12)
+    res = run.fit(config.load("abmil", feature_cfg_overrides(manifest, tmp_path / "runs", **{
+        "data.bag_level": "case", "trainer.max_epochs": 1, "callbacks": "[{name: attention_logger}]"})))
+    out = load_outputs(res.run_dir)
+    test = pd.read_csv(res.run_dir / "test_predictions.csv", dtype=str)
+    slides = sorted(s for cell in test["slide_ids"] for s in cell.split(";"))
+    assert out.slide_ids == slides and not out.tiles(slides[0]).empty

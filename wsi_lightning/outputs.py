@@ -40,7 +40,8 @@ class RunOutputs:
         cfg: its resolved config.
         manifest: the manifest its slides came from (paths resolved; labels may be empty).
         store: the feature store folder (None for methods that read slides on the fly).
-        predictions: one row per slide (``slide_id``, ``pred``, ``prob_<class>``, ...).
+        predictions: one row per slide (``slide_id``, ``pred``, ``prob_<class>``, ...; a
+            patient-level run's case rows are repeated for each of the case's slides).
         attention: one row per (slide, map, tile), or None when the run logged no maps.
         class_names: {target: class names}, in the model's output order.
         attribution: feature attribution per tile (``attribution/tiles.csv``: ``slide_id, tile,
@@ -95,7 +96,9 @@ def load_outputs(folder: str | Path) -> RunOutputs:
         raise WSIError(f"{folder}: no config.resolved.yaml; pass a run folder (runs/<exp>/<timestamp>) "
                        "or a wsi predict output folder")
     cfg = OmegaConf.load(cfg_path)
-    preds = pd.read_csv(predictions_file(folder), dtype={"slide_id": str})
+    preds = pd.read_csv(predictions_file(folder), dtype={"slide_id": str, "case_id": str, "slide_ids": str})
+    if "slide_id" not in preds.columns and "slide_ids" in preds.columns:  # patient-level bags: a row per case
+        preds = preds.assign(slide_id=preds["slide_ids"].str.split(";")).explode("slide_id", ignore_index=True)
     targets = list(cfg.data.tag_cols) if cfg.data.task == "multitag" else [cfg.data.label_col]
     classes = _classes_from_columns(preds, targets)
     manifest = load_manifest(build.manifest_path(cfg), targets, classes, check_files=False, allow_missing=True,
