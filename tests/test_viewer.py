@@ -283,9 +283,14 @@ def _jet_fraction(img: np.ndarray, box: tuple[int, int, int, int]) -> float:
     return float((d < 20).mean())
 
 
-@pytest.mark.browser
-def test_the_page_in_headless_chromium(fit_run: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def browser_ok() -> None:
+    """Skips (or fails, see the module docstring) before the fit fixture runs for nothing."""
     _browser_or_skip()
+
+
+@pytest.mark.browser
+def test_the_page_in_headless_chromium(browser_ok: None, fit_run: Path, tmp_path: Path):
     from playwright.sync_api import sync_playwright
 
     t0 = time.perf_counter()
