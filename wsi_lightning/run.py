@@ -377,7 +377,7 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = 
     line counts them. Overrides may change only how the run executes (threads, workers,
     devices, precision, callbacks), never the model or the data.
     """
-    from wsi_lightning.config import check_keys, is_execution_key, parse_overrides, to_dict
+    from wsi_lightning.config import check_keys, non_execution_keys, parse_overrides, to_dict
     from wsi_lightning.outputs import ATTENTION
 
     run_dir, manifest = Path(run_dir), Path(manifest).expanduser().resolve()
@@ -394,8 +394,7 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = 
     ckpt_path = checkpoint_path(run_dir, ckpt).resolve()
     out = Path(out) if out else run_dir / f"predict-{manifest.stem}"
     cli = parse_overrides(overrides)
-    refused = [k for k in _dotted(to_dict(cli)) if not is_execution_key(k)
-               and not any(k == p or k.startswith(f"{p}.") for p in PREDICT_KEYS)]
+    refused = [k for k in non_execution_keys(cli) if not any(k == p or k.startswith(f"{p}.") for p in PREDICT_KEYS)]
     if refused:
         raise WSIError(f"wsi predict: override(s) {refused} change the model or the data; predict keeps "
                        "the run's config. Allowed: threads, workers, devices, precision, callbacks")
@@ -455,12 +454,6 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = 
         log.info("wsi predict: %d slides predicted this pass, %d failed; %s holds %d", n, len(left_out),
                  pred_csv, n + (0 if done is None else len(done)))
     return result
-
-
-def _dotted(d: Any, prefix: str = "") -> list[str]:
-    if isinstance(d, dict):
-        return [k for name, v in d.items() for k in _dotted(v, f"{prefix}{name}.")]
-    return [prefix.rstrip(".")]
 
 
 def _predicted_slides(done: Any) -> set[str]:
