@@ -84,6 +84,49 @@ def test_predict_resumes_and_keeps_earlier_rows(abmil_run, tmp_path: Path, caplo
     assert any("all 24 slides" in r.getMessage() for r in caplog.records)
 
 
+def test_shards_give_the_predictions_of_one_pass(abmil_run, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """--shard I/N: disjoint shards into OUT/shardIofN/, merged by the last to finish into the
+    predictions, attention maps and metrics one unsharded pass gives; --check says what is missing."""
+    manifest, res = abmil_run
+    ids = sorted(pd.read_csv(manifest, dtype=str)["slide_id"])
+    new = unlabelled_copy(manifest, ids, tmp_path / "new.csv", drop=("split",))  # labelled: metrics too
+    one = run.predict(res.run_dir, new, out=tmp_path / "one")
+    two = tmp_path / "two"
+
+    def predict(*extra: str) -> int:
+        return cli.main(["predict", str(res.run_dir), str(new), "--out", str(two), *extra])
+
+    assert predict("--shard", "0/2") == 0
+    assert not (two / "predictions.csv").exists()  # shard 1 has not run
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert predict("--check") == 1
+    assert any("0 of 24 slides predicted" in r.getMessage() and "shards missing" in r.getMessage()
+               for r in caplog.records)
+    assert predict("--shard", "1/2") == 0
+    shards = [pd.read_csv(two / f"shard{k}of2" / "predictions.csv", dtype={"slide_id": str}) for k in (0, 1)]
+    assert [list(s["slide_id"]) for s in shards] == [ids[0::2], ids[1::2]]  # as wsi extract --shard splits
+    a = pd.read_csv(tmp_path / "one" / "predictions.csv", dtype={"slide_id": str})
+    b = pd.read_csv(two / "predictions.csv", dtype={"slide_id": str})
+    assert list(b["slide_id"]) == ids and list(b.columns) == list(a.columns)
+    np.testing.assert_allclose(b[PROB], a[PROB], atol=1e-6)
+    assert (b["pred"] == a["pred"]).all() and (b["checkpoint"] == a["checkpoint"]).all()
+    att = [pd.read_csv(d / "attention" / "attention.csv", dtype={"slide_id": str}).sort_values(["slide_id", "tile"])
+           for d in (tmp_path / "one", two)]
+    np.testing.assert_allclose(att[1]["attention"], att[0]["attention"], atol=1e-6)
+    files = [sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+             for d in (tmp_path / "one", two)]
+    assert [f for f in files[1] if not f.startswith("shard")] == files[0]  # every file one pass writes
+    merged = json.loads((two / "metrics.json").read_text())
+    assert merged["metrics"]["test/auroc"] == pytest.approx(one.metrics["test/auroc"], abs=1e-6)
+    assert merged["metrics"]["test/acc"] == pytest.approx(one.metrics["test/acc"], abs=1e-6)
+    assert set(merged["shards"]) == {"shard0of2", "shard1of2"}
+    assert predict("--check") == 0
+    # a shard run again finds its slides done and merges the same files again
+    assert predict("--shard", "1/2") == 0
+    pd.testing.assert_frame_equal(pd.read_csv(two / "predictions.csv", dtype={"slide_id": str}), b)
+
+
 def test_predict_refuses_model_overrides_and_bad_folders(abmil_run, tmp_path: Path, caplog: pytest.LogCaptureFixture):
     manifest, res = abmil_run
     with pytest.raises(WSIError, match=r"\['method.embed_dim'\] change the model or the data"):
@@ -113,8 +156,19 @@ def test_new_slides_are_extracted_into_the_runs_store_and_failures_skipped(tmp_p
     df["path"] = [str((new.parent / p).resolve()) for p in df["path"]]
     df.loc[2, "path"] = str(tmp_path / "gone.tiff")
     df.to_csv(tmp_path / "new.csv", index=False)
+    for k in range(2):  # shards first: each extracts its own new slides and reports its own failures
+        assert cli.main(["predict", str(res.run_dir), str(tmp_path / "new.csv"), "--out", str(tmp_path / "sharded"),
+                         "--shard", f"{k}/2", "--skip-errors"]) == 0
+    reports = sorted(p.name for p in store.glob("errors*.csv"))
+    assert len(reports) == 1 and reports[0].startswith("errors.predict.shard")  # the shard that held 'gone'
     out = run.predict(res.run_dir, tmp_path / "new.csv", out=tmp_path / "pred", skip_errors=True)
     pred = pd.read_csv(tmp_path / "pred" / "predictions.csv", dtype={"slide_id": str})
+    sharded = pd.read_csv(tmp_path / "sharded" / "predictions.csv", dtype={"slide_id": str})
+    assert list(sharded["slide_id"]) == list(pred["slide_id"])
+    np.testing.assert_allclose(sharded[["prob_normal", "prob_tumor"]], pred[["prob_normal", "prob_tumor"]], atol=1e-6)
+    pngs = [sorted(p.name for p in (d / "attention").glob("*.png")) for d in (tmp_path / "pred", tmp_path / "sharded")]
+    assert pngs[0] and pngs[1] == pngs[0]  # the heat-maps of every shard's slides
+    assert json.loads((tmp_path / "sharded" / "metrics.json").read_text())["metrics"]["test/slides_left_out"] == 1.0
     assert list(pred["slide_id"]) == sorted(df["slide_id"][:2])
     assert out.metrics["test/slides_left_out"] == 1.0
     assert set(df["slide_id"][:2]) <= set(FeatureStore(store).complete_slides())
@@ -171,6 +225,14 @@ def test_predict_patient_level_bags(tmp_path: Path):
     np.testing.assert_allclose(pred[PROB], test.sort_values("case_id")[PROB].astype(float), atol=1e-6)
     out = run.predict(res.run_dir, new, out=tmp_path / "pred")  # every slide done: nothing to redo
     assert out.metrics == {}
+    for k in range(3):  # shards take whole cases
+        run.predict(res.run_dir, new, out=tmp_path / "sharded", shard=(k, 3))
+    parts = [pd.read_csv(tmp_path / "sharded" / f"shard{k}of3" / "predictions.csv", dtype=str) for k in range(3)]
+    assert sorted(c for p in parts for c in p["case_id"]) == sorted(test["case_id"])
+    assert sorted(s for p in parts for cell in p["slide_ids"] for s in cell.split(";")) == sorted(slides)
+    merged = pd.read_csv(tmp_path / "sharded" / "predictions.csv", dtype={"case_id": str})
+    assert list(merged["case_id"]) == list(pred["case_id"])
+    np.testing.assert_allclose(merged[PROB], pred[PROB], atol=1e-6)
 
 
 def test_outputs_of_a_patient_level_run_are_per_slide(tmp_path: Path):

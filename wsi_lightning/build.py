@@ -102,15 +102,16 @@ def datamodule_class(cfg: DictConfig, input_kind: str) -> type:
 
 
 def build_datamodule(cfg: DictConfig, predict: dict[str, list[str]] | None = None,
-                     slides: list[str] | None = None) -> Any:
+                     slides: list[str] | None = None, errors: Path | None = None) -> Any:
     """The registered DataModule for the method's ``input_kind`` and the store layout, built
     from the config (``from_config``); store-based ones get the extraction of what is missing
-    as their ``prepare_data``.
+    as their ``prepare_data``, its failures recorded in ``errors`` (default the store's
+    ``errors.csv``; a shard of ``wsi predict --shard`` has its own).
 
     ``predict``: the trained model's ``{target: class names}``; the manifest's slides are then
     slides to predict (labels optional, every slide in ``test``: ``wsi predict``), restricted
     to ``slides`` when given."""
-    from wsi_lightning.features.extract import expected_provenance
+    from wsi_lightning.features.extract import ErrorReport, expected_provenance
     from wsi_lightning.features.store import FeatureStore
     from wsi_lightning.manifest import check_slide_files, load_manifest
 
@@ -150,7 +151,7 @@ def build_datamodule(cfg: DictConfig, predict: dict[str, list[str]] | None = Non
                     "features.devices=N` first to use several)", feats["devices"])
         feats["devices"] = 1
     prepare = partial(extract_missing, manifest, FeatureStore(store), to_dict(cfg.tiling),
-                      feats, bool(cfg.features.skip_errors))
+                      feats, bool(cfg.features.skip_errors), report=ErrorReport(errors) if errors else None)
     return cls.from_config(cfg, manifest, store, prepare)
 
 

@@ -9,7 +9,7 @@ each command so that ``wsi --help`` answers at once.
     wsi export-features --store DIR --out DIR [--format clam|trident] [--encoder NAME] [--slides a,b]
     wsi fit EXP [key=value ...] [--resume RUN_DIR]
     wsi test RUN_DIR [--ckpt best|last|PATH]
-    wsi predict RUN_DIR MANIFEST [--out DIR] [--ckpt best|last|PATH] [--skip-errors] [key=value ...]
+    wsi predict RUN_DIR MANIFEST [--out DIR] [--ckpt best|last|PATH] [--skip-errors] [--shard I/N] [--check] [key=value ...]
     wsi attribute RUN_DIR [option=value ...]
     wsi runs [DIR] [--csv FILE]
     wsi export-qupath FOLDER [--out DIR] [--map NAME]
@@ -268,8 +268,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from wsi_lightning import run
 
+    if args.check:
+        return run.predict_check(args.run_dir, args.manifest, out=args.out, ckpt=args.ckpt)
     run.predict(args.run_dir, args.manifest, out=args.out, ckpt=args.ckpt, overrides=args.overrides,
-                skip_errors=args.skip_errors)
+                skip_errors=args.skip_errors, shard=_parse_shard(args.shard) if args.shard else None)
     return 0
 
 
@@ -422,6 +424,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", default="best", help="best (default), last, or a .ckpt file")
     s.add_argument("--skip-errors", action="store_true",
                    help="leave out slides that cannot be read (recorded in the store's errors.csv)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="predict only every N-th slide (case, for patient-level bags) from the I-th, into "
+                        "OUT/shardIofN/; the last shard to finish merges all N into OUT (for job arrays)")
+    s.add_argument("--check", action="store_true",
+                   help="predict nothing: merge finished shards, list the slides OUT lacks and why; exit 1 if any")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("runs", help="table of the runs under a folder (status, key metrics), also as CSV")

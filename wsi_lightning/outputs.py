@@ -100,7 +100,7 @@ def load_outputs(folder: str | Path) -> RunOutputs:
     if "slide_id" not in preds.columns and "slide_ids" in preds.columns:  # patient-level bags: a row per case
         preds = preds.assign(slide_id=preds["slide_ids"].str.split(";")).explode("slide_id", ignore_index=True)
     targets = list(cfg.data.tag_cols) if cfg.data.task == "multitag" else [cfg.data.label_col]
-    classes = _classes_from_columns(preds, targets)
+    classes = classes_from_columns(preds, targets)
     manifest = load_manifest(build.manifest_path(cfg), targets, classes, check_files=False, allow_missing=True,
                              require_labels=False)
     kind = build.method_input_kind(cfg)
@@ -112,7 +112,7 @@ def load_outputs(folder: str | Path) -> RunOutputs:
     return RunOutputs(folder, cfg, manifest, store, preds, attention, classes, attribution)
 
 
-def _classes_from_columns(preds: pd.DataFrame, targets: list[str]) -> dict[str, list[str]]:
+def classes_from_columns(preds: pd.DataFrame, targets: list[str]) -> dict[str, list[str]]:
     """{target: class names} in output order, from the ``[<target>_]prob_<class>`` columns."""
     out = {}
     for t in targets:

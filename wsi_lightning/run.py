@@ -29,6 +29,7 @@ from wsi_lightning.methods.base import SlideEstimator
 log = logging.getLogger(__name__)
 RUN_DIR_ENV = "WSI_RUN_DIR"
 FAILED = "failed.json"  # written into a run folder whose fit raised
+SHARD_DONE = "shard.json"  # written into a `wsi predict --shard` folder once all its slides are done
 
 
 @dataclass
@@ -357,7 +358,8 @@ PREDICT_KEYS = ("trainer.devices", "trainer.accelerator", "trainer.strategy", "t
 
 
 def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = None, ckpt: str = "best",
-            overrides: list[str] | None = None, skip_errors: bool = False) -> RunResult:
+            overrides: list[str] | None = None, skip_errors: bool = False,
+            shard: tuple[int, int] | None = None) -> RunResult:
     """Run a trained run on new slides (``wsi predict RUN_DIR MANIFEST``).
 
     The manifest needs ``slide_id``, ``case_id`` and ``path``; the label column is optional
@@ -376,9 +378,79 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = 
     that cannot be read is recorded in the store's ``errors.csv`` and left out; the log's last
     line counts them. Overrides may change only how the run executes (threads, workers,
     devices, precision, callbacks), never the model or the data.
+
+    ``shard`` (I, N): predict only shard I of N (see :func:`shard_slides`) into ``out/shardIofN/``,
+    a predict folder of its own (resumable as above; extraction failures go to the store's
+    ``errors.predict.shardIofN.csv``); the shard that finds all N done merges them into ``out``
+    (:func:`merge_shards`), so N jobs of an array can predict one cohort into one folder.
     """
-    from wsi_lightning.config import check_keys, non_execution_keys, parse_overrides, to_dict
-    from wsi_lightning.outputs import ATTENTION
+    from wsi_lightning.config import to_dict
+
+    pcfg, cls, ckpt_path, out = _predict_config(run_dir, manifest, out, ckpt, overrides)
+    if skip_errors:
+        pcfg.features.skip_errors = True
+    if not any(c.get("name") == "attention_logger" for c in to_dict(pcfg.callbacks)):
+        pcfg.callbacks = [*to_dict(pcfg.callbacks), {"name": "attention_logger"}]
+    if shard is None:
+        return _predict_slides(pcfg, cls, ckpt_path, out, None, None)
+    i, n = shard
+    folder = out / f"shard{i}of{n}"
+    (folder / SHARD_DONE).unlink(missing_ok=True)  # not done while it runs (again)
+    df = _manifest_frame(pcfg, cls, ckpt_path)
+    mine = shard_slides(df, str(pcfg.data.bag_level) == "case", i, n)
+    log.info("wsi predict: shard %d of %d: %d of the %d slides of %s -> %s", i, n, len(mine), len(df),
+             pcfg.data.manifest, folder)
+    errors = Path(pcfg.data.store) / f"errors.predict.shard{i}of{n}.csv" if "store" in pcfg.data else None
+    result = _predict_slides(pcfg, cls, ckpt_path, folder, mine, errors) if mine else RunResult(folder, {}, None)
+    if build.global_rank() == 0:
+        save_resolved(pcfg, folder)
+        mpath = folder / "metrics.json"  # this pass's, or the earlier pass's when nothing was left to do
+        metrics = json.loads(mpath.read_text())["metrics"] if mpath.is_file() else {}
+        _write_json(folder / SHARD_DONE, {"shard": i, "of": n, "manifest": str(pcfg.data.manifest),
+                                          "checkpoint": str(ckpt_path), "slides": len(mine), "metrics": metrics,
+                                          "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        merge_shards(out, n, pcfg, ckpt_path)
+    return result
+
+
+def predict_check(run_dir: str | Path, manifest: str | Path, out: str | Path | None = None,
+                  ckpt: str = "best") -> int:
+    """``wsi predict RUN_DIR MANIFEST --check``: predict nothing; merge the shard folders of
+    ``out`` if all are done (else name the missing ones) and list the manifest's slides that
+    ``out/predictions.csv`` lacks, with the extraction error recorded for each. Exit status 1
+    when a shard or a slide is missing."""
+    import re
+
+    import pandas as pd
+
+    pcfg, cls, ckpt_path, out = _predict_config(run_dir, manifest, out, ckpt, None)
+    counts = {int(m.group(2)) for f in out.glob("shard*of*") if (m := re.fullmatch(r"shard(\d+)of(\d+)", f.name))}
+    if len(counts) > 1:
+        raise WSIError(f"wsi predict --check: {out} has shard folders of {sorted(counts)} shards; remove the "
+                       "folders of the earlier split (shard*of<N>) and run the shards of one split")
+    merged = not counts or merge_shards(out, counts.pop(), pcfg, ckpt_path)
+    ids = list(_manifest_frame(pcfg, cls, ckpt_path)["slide_id"].astype(str))
+    done, _ = _previous_predictions(out / "predictions.csv", out / "none", ckpt_path)
+    have = _predicted_slides(done) if done is not None else set()
+    missing = [s for s in ids if s not in have]
+    errors: dict[str, str] = {}
+    store = pcfg.data.get("store")
+    for f in sorted(Path(store).glob("errors*.csv")) if store else []:
+        for _, r in pd.read_csv(f, dtype=str).fillna("").iterrows():
+            errors[r["slide_id"]] = f"{r['stage']}: {r['error']} ({f.name})"
+    for sid in missing[:10]:
+        log.info("  %s: %s", sid, f"failed - {errors[sid]}" if sid in errors else "not predicted yet")
+    failed = sum(s in errors for s in missing)
+    log.info("%s: %d of %d slides predicted, %d failed, %d not predicted yet%s", out / "predictions.csv",
+             len(ids) - len(missing), len(ids), failed, len(missing) - failed, "" if merged else "; shards missing")
+    return 1 if missing or not merged else 0
+
+
+def _predict_config(run_dir: str | Path, manifest: str | Path, out: str | Path | None, ckpt: str,
+                    overrides: list[str] | None) -> tuple[DictConfig, type, Path, Path]:
+    """The run's config with ``manifest`` (and the run's store), its method class, the
+    checkpoint and the output folder; refuses overrides that change the model or the data."""
+    from wsi_lightning.config import check_keys, non_execution_keys, parse_overrides
 
     run_dir, manifest = Path(run_dir), Path(manifest).expanduser().resolve()
     cfg_path = run_dir / "config.resolved.yaml"
@@ -406,26 +478,46 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = 
         data["store"] = str(build.store_path(cfg))
     if cfg.data.is_demo:
         data["root"] = str(build.demo_dir(cfg))
-    pcfg = OmegaConf.merge(cfg, {"data": data}, cli)
-    if skip_errors:
-        pcfg.features.skip_errors = True
-    if not any(c.get("name") == "attention_logger" for c in to_dict(pcfg.callbacks)):
-        pcfg.callbacks = [*to_dict(pcfg.callbacks), {"name": "attention_logger"}]
+    return OmegaConf.merge(cfg, {"data": data}, cli), cls, ckpt_path, out
+
+
+def _manifest_frame(pcfg: DictConfig, cls: type, ckpt_path: Path) -> Any:
+    """The prediction manifest's rows (``slide_id``, ``case_id``, ...), as the DataModule reads them."""
+    model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    return build.build_datamodule(pcfg, predict={t: list(c) for t, c in model.class_names.items()}).manifest.df
+
+
+def shard_slides(df: Any, case_level: bool, i: int, n: int) -> list[str]:
+    """The slides of shard ``i`` of ``n``: every n-th slide id (sorted) from the i-th, as
+    ``wsi extract --shard`` takes them, or, for patient-level bags (``case_level``), the slides
+    of every n-th case: a case is never split between shards. Shards are disjoint and together
+    hold every slide."""
+    key = "case_id" if case_level else "slide_id"
+    units = set(sorted(set(df[key].astype(str)))[i::n])
+    return sorted(df.loc[df[key].astype(str).isin(units), "slide_id"].astype(str))
+
+
+def _predict_slides(pcfg: DictConfig, cls: type, ckpt_path: Path, out: Path, slides: list[str] | None,
+                    errors: Path | None) -> RunResult:
+    """Predict the manifest's slides (or ``slides`` of it) into ``out``, resuming an earlier
+    pass there; extraction failures go to ``errors`` (default the store's ``errors.csv``)."""
+    from wsi_lightning.outputs import ATTENTION
+
     out.mkdir(parents=True, exist_ok=True)
     pred_csv, att_csv = out / "predictions.csv", out / ATTENTION
     done, done_att = _previous_predictions(pred_csv, att_csv, ckpt_path)
     model = cls.load_from_checkpoint(ckpt_path, map_location="cpu", predictions_dir=str(out), weights_only=True)
     classes = {t: list(c) for t, c in model.class_names.items()}
-    all_ids = list(build.build_datamodule(pcfg, predict=classes).manifest.df["slide_id"])
+    all_ids = slides if slides is not None else list(build.build_datamodule(pcfg, predict=classes).manifest.df["slide_id"])
     todo = [s for s in all_ids if s not in _predicted_slides(done)] if done is not None else all_ids
     if not todo:
         log.info("wsi predict: all %d slides of %s are already in %s (checkpoint %s)", len(all_ids),
-                 manifest, pred_csv, ckpt_path)
+                 pcfg.data.manifest, pred_csv, ckpt_path)
         return RunResult(out, {}, str(ckpt_path))
     if done is not None:
         log.info("wsi predict: %d of %d slides already predicted in %s; predicting the other %d",
                  len(all_ids) - len(todo), len(all_ids), pred_csv, len(todo))
-    dm = build.build_datamodule(pcfg, predict=classes, slides=todo)
+    dm = build.build_datamodule(pcfg, predict=classes, slides=todo, errors=errors)
     save_resolved(pcfg, out)
     threads = torch.get_num_threads()
     if pcfg.trainer.num_threads:
@@ -449,7 +541,7 @@ def predict(run_dir: str | Path, manifest: str | Path, out: str | Path | None = 
         n = len(todo) - len(left_out)
         if left_out:
             log.warning("wsi predict: %d of %d slides failed and are not in %s (see %s): %s",
-                        len(left_out), len(all_ids), pred_csv, Path(pcfg.data.store) / "errors.csv",
+                        len(left_out), len(all_ids), pred_csv, errors or Path(pcfg.data.store) / "errors.csv",
                         left_out[:10])
         log.info("wsi predict: %d slides predicted this pass, %d failed; %s holds %d", n, len(left_out),
                  pred_csv, n + (0 if done is None else len(done)))
@@ -497,3 +589,106 @@ def _merge_predictions(out: Path, pred_csv: Path, att_csv: Path, done: Any, done
         tmp = att_csv.with_name(f".{att_csv.name}.{os.getpid()}.tmp")
         att.to_csv(tmp, index=False)
         os.replace(tmp, att_csv)
+
+
+# ----------------------------------------------------------------------------- predict shards
+SHARD_OWN = ("metrics.json", "config.resolved.yaml", SHARD_DONE, "test_predictions.csv")  # not merged as files
+
+
+def _shard_done(folder: Path, manifest: str, ckpt_path: Path) -> dict | None:
+    """A shard folder's ``shard.json`` when it finished this manifest with this checkpoint."""
+    try:
+        state = json.loads((folder / SHARD_DONE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state if (state.get("manifest"), state.get("checkpoint")) == (manifest, str(ckpt_path)) else None
+
+
+def merge_shards(out: Path, n: int, pcfg: DictConfig, ckpt_path: Path) -> bool:
+    """Merge the ``out/shardIofN/`` folders of ``wsi predict --shard I/N`` into ``out`` once all N
+    are done (each has its ``shard.json`` for this manifest and checkpoint); False, merging
+    nothing, while one is not. Every CSV the shards wrote at one path (``predictions.csv``,
+    ``attention/attention.csv``, ``mechanism.csv``: rows per slide or case) is concatenated,
+    every other file (heat-maps) linked; ``metrics.json`` is computed from the merged
+    predictions (the shards' own metrics beside it). Each file is replaced atomically, so the
+    shards finishing last at once both merge, to the same files."""
+    folders = [out / f"shard{k}of{n}" for k in range(n)]
+    states = [_shard_done(f, str(pcfg.data.manifest), ckpt_path) for f in folders]
+    waiting = [k for k, st in enumerate(states) if st is None]
+    if waiting:
+        log.info("wsi predict: %d of %d shards done; shard(s) %s not yet: the last to finish merges "
+                 "them into %s", n - len(waiting), n, waiting, out / "predictions.csv")
+        return False
+    csvs: dict[Path, list[Path]] = {}
+    files: dict[Path, list[Path]] = {}
+    for f in folders:
+        for path in sorted(f.rglob("*")):
+            rel = path.relative_to(f)
+            if path.is_file() and not path.name.startswith(".") and str(rel) not in SHARD_OWN:
+                (csvs if path.suffix == ".csv" else files).setdefault(rel, []).append(path)
+    for rel, paths in csvs.items():
+        _concat_csv(paths, out / rel)
+    for rel, paths in files.items():
+        if len(paths) == 1:  # a slide's own image; one per shard (a confusion matrix) stays there
+            _link(paths[0], out / rel)
+    _link(folders[0] / "config.resolved.yaml", out / "config.resolved.yaml")
+    _write_shard_metrics(out, pcfg, ckpt_path, states)
+    log.info("wsi predict: merged %d shards into %s", n, out / "predictions.csv")
+    return True
+
+
+def _concat_csv(paths: list[Path], dest: Path) -> None:
+    """The rows of ``paths`` (read as text: values are copied, never re-formatted) into ``dest``,
+    sorted by ``slide_id`` / ``case_id`` when that is the first column (``predictions.csv``)."""
+    import pandas as pd
+
+    frames = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in paths]
+    rows = pd.concat(frames, ignore_index=True)
+    if len(rows.columns) and rows.columns[0] in ("slide_id", "case_id"):
+        rows = rows.sort_values(rows.columns[0], kind="stable")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    rows.to_csv(tmp, index=False)
+    os.replace(tmp, dest)
+
+
+def _link(src: Path, dest: Path) -> None:
+    """``dest`` becomes ``src`` (a hard link, or a copy across file systems), atomically."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _write_shard_metrics(out: Path, pcfg: DictConfig, ckpt_path: Path, states: list[dict]) -> None:
+    """``metrics.json`` of the merged folder: the metrics of its labelled rows (as the test of one
+    pass computes them, without the loss) and every shard's own."""
+    import pandas as pd
+
+    from wsi_lightning.analysis.metrics import TaskMetrics
+    from wsi_lightning.outputs import classes_from_columns
+
+    preds = out / "predictions.csv"
+    df = pd.read_csv(preds, dtype=str, keep_default_na=False) if preds.is_file() else pd.DataFrame()
+    targets = list(pcfg.data.tag_cols) if pcfg.data.task == "multitag" else [str(pcfg.data.label_col)]
+    metrics: dict[str, float] = {}
+    if len(df):
+        classes = classes_from_columns(df, targets)
+        tm = TaskMetrics({t: len(c) for t, c in classes.items()})
+        pre = {t: "" if len(targets) == 1 else f"{t}_" for t in targets}
+        probs = {t: torch.tensor(df[[f"{pre[t]}prob_{c}" for c in names]].astype(float).to_numpy(),
+                                 dtype=torch.float32) for t, names in classes.items()}  # (B, C)
+        labels = {t: torch.tensor([names.index(v) if v in names else -1 for v in df[f"{pre[t]}label"]])
+                  for t, names in classes.items()}  # (B,), -1 unknown
+        tm.update(probs, labels)
+        metrics = {k: float(v) for k, v in tm.compute("test").items()}
+    metrics["test/slides_left_out"] = sum(st["metrics"].get("test/slides_left_out", 0.0) for st in states)
+    _write_json(out / "metrics.json", {
+        "experiment": str(pcfg.name), "demo_data": False, "best_checkpoint": str(ckpt_path), "metrics": metrics,
+        "shards": {f"shard{st['shard']}of{st['of']}": st["metrics"] for st in states}})
