@@ -246,3 +246,41 @@ def test_outputs_of_a_patient_level_run_are_per_slide(tmp_path: Path):
     test = pd.read_csv(res.run_dir / "test_predictions.csv", dtype=str)
     slides = sorted(s for cell in test["slide_ids"] for s in cell.split(";"))
     assert out.slide_ids == slides and not out.tiles(slides[0]).empty
+
+
+@pytest.mark.slow
+def test_two_shard_processes_at_once_into_one_folder(tmp_path: Path):
+    """Two ``wsi predict --shard k/2`` processes at the same time, a job array's tasks: each
+    extracts its own new slides into the run's store (host-named, as on two nodes), and the
+    merged folder holds what one unsharded pass predicts."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from wsi_lightning.demo.dataset import make_demo_dataset
+
+    train = make_demo_dataset(tmp_path / "train", n_slides=6, seed=3, workers=1, size_um=768.0)
+    over = feature_cfg_overrides(train, tmp_path / "runs", **{
+        "data.store": tmp_path / "store", "tiling.tile_size": 64, "tiling.mpp": 1.0, "features.backbone": "demo_cnn",
+        "features.pretrained": "false", "trainer.max_epochs": 1})
+    res = run.fit(config.load("abmil", over))
+    new = make_demo_dataset(tmp_path / "new", n_slides=6, seed=11, workers=1, size_um=768.0)
+    df = pd.read_csv(new, dtype=str).drop(columns=["label"])
+    df["slide_id"] = ["new_" + s for s in df["slide_id"]]
+    df["path"] = [str((new.parent / p).resolve()) for p in df["path"]]
+    df.to_csv(tmp_path / "new.csv", index=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "wsi_lightning", "predict", str(res.run_dir),
+                               str(tmp_path / "new.csv"), "--out", str(tmp_path / "sharded"), "--shard", f"{k}/2",
+                               "trainer.num_threads=1"], cwd=tmp_path, env={**env, "WSI_HOST": f"node{k}"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    for k, p in enumerate(procs):
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, f"shard {k}:\n{out[-4000:]}"
+    assert set(df["slide_id"]) <= set(FeatureStore(tmp_path / "store").complete_slides())
+    run.predict(res.run_dir, tmp_path / "new.csv", out=tmp_path / "one")
+    a = pd.read_csv(tmp_path / "one" / "predictions.csv", dtype={"slide_id": str})
+    b = pd.read_csv(tmp_path / "sharded" / "predictions.csv", dtype={"slide_id": str})
+    assert list(b["slide_id"]) == sorted(df["slide_id"]) == list(a["slide_id"])
+    np.testing.assert_allclose(b[["prob_normal", "prob_tumor"]], a[["prob_normal", "prob_tumor"]], atol=1e-6)
