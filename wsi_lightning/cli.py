@@ -15,7 +15,7 @@ each command so that ``wsi --help`` answers at once.
     wsi export-qupath FOLDER [--out DIR] [--map NAME]
     wsi view FOLDER [--out DIR] [--slides a,b] [--max-slides N] [--top-k K]
     wsi manifest camelyon16 ROOT [--out FILE]
-    wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2] [--jobs N]
+    wsi reproduce [TABLE] [--data demo|camelyon16] [--seeds 0,1,2] [--jobs N] [--launcher local|slurm|submitit-local] [--slurm-* ...]
     wsi sweep NAME [--count N] [--offline|--online] [key=value ...]
 """
 
@@ -329,9 +329,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     tables = [args.table] if args.table else reproduce.list_tables()
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    slurm = {"partition": args.slurm_partition, "account": args.slurm_account, "qos": args.slurm_qos,
+             "gpus_per_job": args.slurm_gpus_per_job, "cpus_per_job": args.slurm_cpus_per_job,
+             "mem_gb": args.slurm_mem_gb, "time_min": args.slurm_time, "setup": args.slurm_setup,
+             "prepare": args.slurm_prepare}
     for t in tables:
         md = reproduce.run_table(t, dataset=args.data, seeds=seeds, results=Path(args.results),
-                                 extra_overrides=args.overrides, jobs=args.jobs)
+                                 extra_overrides=args.overrides, jobs=args.jobs, launcher=args.launcher,
+                                 slurm=slurm)
         log.info("%s", md.read_text())
     return 0
 
@@ -442,8 +447,25 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="demo", help="dataset listed in the table spec (default: demo)")
     s.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     s.add_argument("--results", default="results")
-    s.add_argument("--jobs", type=int, default=1,
-                   help="run up to N rows x seeds at once (a CPU-thread share or a GPU each; default 1)")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="run up to N rows x seeds at once (locally a CPU-thread share or a GPU each; default 1; "
+                        "with --launcher slurm: the job array's limit, default none)")
+    s.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"],
+                   help="local: this machine's processes (default); slurm: one SLURM job per row x seed "
+                        "(a job array, through submitit), waited for; submitit-local: the same jobs as local processes")
+    g = s.add_argument_group("SLURM jobs (--launcher slurm; over the table spec's slurm: block)")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-account", default=None)
+    g.add_argument("--slurm-qos", default=None)
+    g.add_argument("--slurm-gpus-per-job", type=int, default=None, help="0 or 1 (default 0)")
+    g.add_argument("--slurm-cpus-per-job", type=int, default=None, help="also each run's trainer.num_threads")
+    g.add_argument("--slurm-mem-gb", type=int, default=None)
+    g.add_argument("--slurm-time", type=int, default=None, metavar="MIN",
+                   help="time limit per job in minutes (default 240; a job that reaches it is requeued and resumes)")
+    g.add_argument("--slurm-setup", action="append", default=None, metavar="LINE",
+                   help="a shell line each job runs first, e.g. 'module load cuda' (repeatable)")
+    g.add_argument("--slurm-prepare", default=None, choices=["here", "job"],
+                   help="make the table's feature stores here before submitting (default) or in a first job")
     s.set_defaults(func=cmd_reproduce)
 
     s = sub.add_parser("sweep", help="hyperparameter sweep (experiments/sweeps/), W&B agent or local")

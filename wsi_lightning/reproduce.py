@@ -10,15 +10,23 @@ Every (row, seed) is a normal run in a fixed folder ``<runs>/reproduce/<paper>/<
 ``config.resolved.yaml`` matches the row's config is skipped, so an interrupted ``make
 reproduce`` resumes and a changed row is redone. Results: ``results/<paper>.md`` / ``.csv`` (``<paper>.<dataset>.*``
 for datasets other than demo) and ROC curves per row (``<paper>_roc.png``).
+
+Launchers (``wsi reproduce --launcher``): ``local`` runs the fits in this process or, with
+``--jobs N``, in N spawned worker processes; ``slurm`` submits one SLURM job per (row, seed), as
+one job array, through submitit, and waits for them (``submitit-local`` does the same with
+submitit's local executor: jobs as processes of this machine, to try a table's launch here).
+The resources of each job come from the spec's ``slurm:`` block and the ``--slurm-*`` options
+(:class:`SlurmSettings`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +36,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from wsi_lightning import config
-from wsi_lightning.errors import ConfigError
+from wsi_lightning.errors import ConfigError, WSIError
 
 log = logging.getLogger(__name__)
 TABLES_DIR = config.EXPERIMENTS_DIR / "tables"
-SPEC_KEYS = {"title", "seeds", "datasets", "columns", "rows", "notes", "compare_to", "split_per_seed"}
+SPEC_KEYS = {"title", "seeds", "datasets", "columns", "rows", "notes", "compare_to", "split_per_seed", "slurm"}
+LAUNCHERS = ("local", "slurm", "submitit-local")
 
 
 @dataclass
@@ -63,6 +72,7 @@ def load_spec(name: str) -> dict:
             raise ConfigError(f"table {path}: '{key}' is missing or empty")
     spec.setdefault("datasets", {"demo": []})
     spec["name"], spec["path"] = path.stem, path
+    SlurmSettings.merged(spec.get("slurm"), None, f"table {path}: slurm")  # fails early on bad keys
 
     def check_overrides(items: Any, where: str) -> None:
         for item in items or []:
@@ -136,13 +146,17 @@ def _complete(run_dir: Path, metrics: list[str], cfg: DictConfig) -> dict | None
 
 def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, runs: Path | None = None,
               results: Path = Path("results"), extra_overrides: list[str] | None = None,
-              jobs: int = 1) -> Path:
+              jobs: int | None = None, launcher: str = "local", slurm: dict[str, Any] | None = None) -> Path:
     """Run every (row, seed) of a table that is not complete yet, then write the results.
 
-    ``jobs``: run up to this many (row, seed) fits at once, each in its own process with
-    ``trainer.num_threads`` = the CPU cores / ``jobs`` (unless set) and, on a machine with GPUs,
-    a GPU of its own (``jobs`` <= the GPUs). The data of the table (demo slides, feature
-    stores) is prepared by the first run of each store before the others start.
+    ``jobs``: run up to this many (row, seed) fits at once (default: one, locally; all the
+    array holds, on SLURM). Locally each runs in its own process with ``trainer.num_threads`` =
+    the CPU cores / ``jobs`` (unless set) and, on a machine with GPUs, a GPU of its own
+    (``jobs`` <= the GPUs). ``launcher``: ``local``, ``slurm`` or ``submitit-local`` (see the
+    module docstring); ``slurm``: the ``--slurm-*`` options (:class:`SlurmSettings` fields),
+    over the spec's ``slurm:`` block. The data of the table (demo slides, feature stores) is
+    prepared once, before the runs start (under SLURM on the submitting node, or with
+    ``prepare: job`` in a first job of its own).
 
     Returns:
         The markdown results file.
@@ -150,8 +164,11 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
     spec = load_spec(name)
     if dataset not in spec["datasets"]:
         raise ConfigError(f"table {spec['path']}: dataset '{dataset}' not listed; available: {sorted(spec['datasets'])}")
-    if int(jobs) < 1:
+    if jobs is not None and int(jobs) < 1:
         raise ConfigError(f"--jobs {jobs}; expected an integer >= 1")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"--launcher {launcher!r}; expected one of {list(LAUNCHERS)}")
+    settings = SlurmSettings.merged(spec.get("slurm"), slurm, f"table {spec['path']}: slurm")
     seeds = list(seeds if seeds is not None else spec["seeds"])
     data_over = list(spec["datasets"][dataset] or []) + list(extra_overrides or [])
     if runs is None:  # paths.runs of the (overridden) config
@@ -182,13 +199,17 @@ def run_table(name: str, dataset: str = "demo", seeds: list[int] | None = None, 
             if not resume:
                 shutil.rmtree(run_dir, ignore_errors=True)  # an outdated run is redone
             todo.append(Job(spec["name"], str(row["name"]), seed, cfg, run_dir, resume))
-    results_of = _run_jobs(todo, int(jobs))
+    if launcher == "local":
+        results_of = _run_jobs(todo, int(jobs or 1))
+    else:
+        folder = runs / "reproduce" / spec["name"] / dataset / "_submitit"
+        results_of = _run_submitit(todo, jobs, launcher, settings, folder)
     for job, m in zip(todo, results_of, strict=True):
         for entry in collected[job.row]:
             if entry["seed"] == job.seed:
                 entry.update(m)
-    log.info("table %s: all runs done in %.0f s (%d run, %d at a time)", spec["name"], time.perf_counter() - t0,
-             len(todo), min(int(jobs), max(len(todo), 1)))
+    log.info("table %s: all runs done in %.0f s (%d run, launcher %s, %s at a time)", spec["name"],
+             time.perf_counter() - t0, len(todo), launcher, jobs or (1 if launcher == "local" else "all"))
     return write_results(spec, dataset, collected, results)
 
 
@@ -251,18 +272,242 @@ def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
 def _prepare_shared_data(todo: list[Job]) -> None:
     """Make each feature store (and the demo slides) the jobs read, once, before they run in
     parallel: two jobs extracting into one store at once would each do all the work."""
+    _prepare_configs([j.cfg for j in todo])
+
+
+def _prepare_configs(cfgs: list[DictConfig]) -> None:
     from wsi_lightning import build
 
     seen: set[str] = set()
-    for j in todo:
-        kind = build.method_input_kind(j.cfg)
-        if build.datamodule_class(j.cfg, kind).layout is None:
-            build.manifest_path(j.cfg)  # the demo slides, generated if missing
+    for cfg in cfgs:
+        kind = build.method_input_kind(cfg)
+        if build.datamodule_class(cfg, kind).layout is None:
+            build.manifest_path(cfg)  # the demo slides, generated if missing
             continue
-        key = str(build.store_path(j.cfg))
+        key = str(build.store_path(cfg))
         if key not in seen:
             seen.add(key)
-            build.build_datamodule(j.cfg).prepare_data()
+            build.build_datamodule(cfg).prepare_data()
+
+
+# ----------------------------------------------------------------------------- SLURM (submitit)
+@dataclass
+class SlurmSettings:
+    """Resources of each job of ``--launcher slurm``: the spec's ``slurm:`` block, then the
+    ``--slurm-*`` options (``--slurm-gpus-per-job 1`` is ``gpus_per_job``).
+
+    Attributes:
+        partition, account, qos: sbatch's ``--partition``, ``--account``, ``--qos``.
+        gpus_per_job: 0 or 1 (a table's runs are single-device fits).
+        cpus_per_job: sbatch's ``--cpus-per-task``; also the run's ``trainer.num_threads``
+            (unless the row sets it). Default: the cluster's.
+        mem_gb: memory per job. time_min: time limit per job in minutes (a job that reaches it
+            is requeued, up to 3 times, and resumes its fit from ``last.ckpt``).
+        setup: shell lines each job runs first (``module load cuda``).
+        additional: any other sbatch option, ``{constraint: a100, exclude: node7}``.
+        prepare: ``here`` (the table's stores are made by the submitting process, before
+            submission) or ``job`` (by a first job with these resources; the runs are submitted
+            when it ends).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_job: int = 0
+    cpus_per_job: int | None = None
+    mem_gb: int | None = None
+    time_min: int = 240
+    setup: list[str] = field(default_factory=list)
+    additional: dict[str, Any] = field(default_factory=dict)
+    prepare: str = "here"
+
+    @classmethod
+    def merged(cls, spec: dict | None, cli: dict | None, where: str) -> SlurmSettings:
+        """The spec's ``slurm:`` block (``where`` names it in errors) with the ``--slurm-*``
+        options over it (a None option: not given); a bad key or value names its source."""
+        names = [f.name for f in fields(cls)]
+        out = cls()
+        for source, block in ((where, spec), ("--slurm-* options", cli)):
+            if block is not None and not isinstance(block, dict):
+                raise ConfigError(f"{source}: expected a mapping with keys among {names}")
+            for key, value in (block or {}).items():
+                if key not in names:
+                    raise ConfigError(f"{source}: unknown key '{key}'; valid: {names}")
+                if value is not None:
+                    setattr(out, key, value)
+            out._check(source)
+        return out
+
+    def _check(self, where: str) -> None:
+        for key in ("cpus_per_job", "mem_gb", "time_min"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{where}: {key}={v!r}; expected an integer >= 1")
+        if self.gpus_per_job not in (0, 1) or isinstance(self.gpus_per_job, bool):
+            raise ConfigError(f"{where}: gpus_per_job={self.gpus_per_job!r}; expected 0 or 1 (a table's runs are "
+                              "single-device fits; for a multi-GPU fit see docs/slurm/fit_multinode.sbatch)")
+        if self.prepare not in ("here", "job"):
+            raise ConfigError(f"{where}: prepare={self.prepare!r}; expected 'here' or 'job'")
+        if not isinstance(self.setup, list) or not isinstance(self.additional, dict):
+            raise ConfigError(f"{where}: setup must be a list of shell lines and additional a mapping")
+
+
+class _TableFit:
+    """One (row, seed) fit as a submitit job. On a SLURM time-out (or preemption) submitit calls
+    :meth:`checkpoint`, and the requeued job resumes the fit from its ``last.ckpt``."""
+
+    def __call__(self, cfg_yaml: str, run_dir: str, resume: bool) -> dict[str, float]:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        done = Path(run_dir) / "metrics.json"
+        if resume and done.exists():  # the time-out came after the test
+            return json.loads(done.read_text())["metrics"]
+        cfg = OmegaConf.create(cfg_yaml)
+        if cfg.trainer.num_threads is None and hasattr(os, "sched_getaffinity"):  # the job's CPUs
+            cfg.trainer.num_threads = len(os.sched_getaffinity(0))
+            cfg.data.num_workers = min(int(cfg.data.num_workers), int(cfg.trainer.num_threads))
+        return _fit_job(OmegaConf.to_yaml(cfg), run_dir, resume)
+
+    def checkpoint(self, cfg_yaml: str, run_dir: str, resume: bool) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, cfg_yaml, run_dir, True)
+
+
+def _prepare_job(cfg_yamls: list[str]) -> None:
+    """``prepare: job``: the table's stores, made in a job of their own."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _prepare_configs([OmegaConf.create(y) for y in cfg_yamls])
+
+
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+
+
+def _executor(launcher: str, s: SlurmSettings, folder: Path, name: str) -> Any:
+    """A submitit executor for ``--launcher slurm`` (sbatch) or ``submitit-local`` (processes
+    of this machine), its jobs' files (scripts, pickles, logs) under ``folder/<job id>/``."""
+    try:
+        import submitit
+    except ImportError:
+        raise WSIError(f"--launcher {launcher} needs the submitit package: pip install submitit==1.5.4 "
+                       "(a dependency in pyproject.toml: pip install -e . installs it)") from None
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise WSIError("--launcher slurm: no sbatch on PATH, so this is not a SLURM submit node; run the "
+                       "command on the cluster's login node (or inside an sbatch job), or here with "
+                       "--jobs N (local processes) or --launcher submitit-local")
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if launcher == "slurm" else "local")
+    params: dict[str, Any] = {"name": name, "timeout_min": s.time_min, "nodes": 1, "tasks_per_node": 1,
+                              "gpus_per_node": s.gpus_per_job}
+    if s.cpus_per_job:
+        params["cpus_per_task"] = s.cpus_per_job
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    if launcher == "slurm":
+        params.update({f"slurm_{k}": getattr(s, k) for k in ("partition", "account", "qos") if getattr(s, k)})
+        params.update(slurm_setup=list(s.setup), slurm_additional_parameters=dict(s.additional))
+    ex.update_parameters(**params)
+    return ex
+
+
+def _run_submitit(todo: list[Job], jobs: int | None, launcher: str, s: SlurmSettings,
+                  folder: Path) -> list[dict[str, float]]:
+    """The jobs' metrics, in order, from one submitit job each (one job array on SLURM, at most
+    ``jobs`` running at once); the table's data is prepared first (:class:`SlurmSettings`
+    ``prepare``). A failed job fails the table once every job has ended, naming its log."""
+    if not todo:
+        return []
+    ex = _executor(launcher, s, folder, f"wsi-{todo[0].table}")
+    at_once = int(jobs or len(todo))
+    _refuse_active(folder, todo, launcher)
+    cpus = s.cpus_per_job or (max(1, (os.cpu_count() or 1) // at_once) if launcher != "slurm" else None)
+    for j in todo:
+        if cpus and j.cfg.trainer.num_threads is None:
+            j.cfg.trainer.num_threads = cpus
+            j.cfg.data.num_workers = min(int(j.cfg.data.num_workers), cpus)
+    if s.prepare == "job":
+        prep = ex.submit(_prepare_job, [OmegaConf.to_yaml(j.cfg) for j in todo])
+        log.info("table %s: preparing the data in job %s (log %s)", todo[0].table, prep.job_id, prep.paths.stdout)
+        _wait([prep], ["data preparation"], launcher)
+    else:
+        _prepare_shared_data(todo)
+    args = [(OmegaConf.to_yaml(j.cfg), str(j.run_dir.resolve()), j.resume) for j in todo]
+    what = [f"{j.row}, seed {j.seed}" for j in todo]
+    if launcher == "slurm":
+        ex.update_parameters(slurm_array_parallelism=at_once)
+        submitted = ex.map_array(_TableFit(), *zip(*args, strict=True))
+        _record_jobs(folder, todo, submitted)
+        for w, job in zip(what, submitted, strict=True):
+            log.info("table %s: %s -> SLURM job %s", todo[0].table, w, job.job_id)
+        log.info("table %s: %d jobs submitted (at most %d at once); logs in %s", todo[0].table, len(todo),
+                 at_once, folder)
+        return _wait(submitted, what, launcher)
+    return _wait_local(ex, args, what, at_once, todo[0].table)
+
+
+def _wait_local(ex: Any, args: list[tuple], what: list[str], at_once: int, table: str) -> list[dict[str, float]]:
+    """submitit-local: at most ``at_once`` jobs alive, the next submitted when one ends."""
+    submitted: list[Any] = []
+    while len(submitted) < len(args) or not all(j.done() for j in submitted):
+        while len(submitted) < len(args) and sum(not j.done() for j in submitted) < at_once:
+            job = ex.submit(_TableFit(), *args[len(submitted)])
+            log.info("table %s: %s -> local job %s (log %s)", table, what[len(submitted)], job.job_id, job.paths.stdout)
+            submitted.append(job)
+        time.sleep(1.0)
+    return _wait(submitted, what, "submitit-local")
+
+
+def _wait(submitted: list[Any], what: list[str], launcher: str) -> list[Any]:
+    """Every job's result, in order, once all have ended; a WSIError names each failed job."""
+    from submitit.helpers import as_completed
+
+    results: dict[int, Any] = {}
+    failed: list[str] = []
+    index = {id(j): k for k, j in enumerate(submitted)}
+    for job in as_completed(submitted, poll_frequency=30 if launcher == "slurm" else 1):
+        k = index[id(job)]
+        try:
+            results[k] = job.result()
+            log.info("%s: done (job %s, %d of %d)", what[k], job.job_id, len(results), len(submitted))
+        except Exception as err:  # a failed or cancelled job: the others go on
+            failed.append(f"{what[k]} (job {job.job_id}, log {job.paths.stderr}): {str(err).strip()[-300:]}")
+            log.error("%s failed: see %s", what[k], job.paths.stderr)
+    if failed:
+        raise WSIError(f"{len(failed)} of {len(submitted)} job(s) failed:\n  " + "\n  ".join(failed) +
+                       "\nrerun the same command: finished runs are kept, interrupted ones resume")
+    return [results[k] for k in range(len(submitted))]
+
+
+def _record_jobs(folder: Path, todo: list[Job], submitted: list[Any]) -> None:
+    """``folder/jobs.json``: the SLURM job of each run folder, for :func:`_refuse_active`."""
+    path = folder / "jobs.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update({str(j.run_dir.resolve()): str(job.job_id) for j, job in zip(todo, submitted, strict=True)})
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, path)
+
+
+def _slurm_state(folder: Path, job_id: str) -> str:
+    """A SLURM job's state (sacct, through submitit); UNKNOWN when SLURM does not say."""
+    from submitit import SlurmJob
+
+    return str(SlurmJob(folder=folder / "%j", job_id=job_id).get_info().get("State", "UNKNOWN")).split()[0]
+
+
+def _refuse_active(folder: Path, todo: list[Job], launcher: str) -> None:
+    """An earlier submission's jobs still pending or running for these runs (their submitting
+    process was stopped) would write into the same folders: refuse, naming them."""
+    path = folder / "jobs.json"
+    if launcher != "slurm" or not path.is_file():
+        return
+    known = json.loads(path.read_text())
+    ids = [known[str(j.run_dir.resolve())] for j in todo if str(j.run_dir.resolve()) in known]
+    active = [i for i in ids if _slurm_state(folder, i) in ACTIVE]
+    if active:
+        raise WSIError(f"SLURM job(s) {active} of an earlier `wsi reproduce --launcher slurm` still run the same "
+                       f"runs ({path}); wait for them to end (squeue --me) or scancel them, then rerun")
 
 
 def _cells(spec: dict, collected: dict[str, list[dict]]) -> list[dict]:
