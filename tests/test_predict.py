@@ -137,6 +137,11 @@ def test_predict_refuses_model_overrides_and_bad_folders(abmil_run, tmp_path: Pa
         run.predict(res.run_dir, tmp_path / "nope.csv")
     with caplog.at_level(logging.ERROR):
         assert cli.main(["predict", str(res.run_dir), str(manifest), "--ckpt", "nope"]) == 2
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert cli.main(["predict", str(res.run_dir), str(manifest), "--shard", "2/2", "--out", str(tmp_path / "p")]) == 2
+    assert any("--shard 2/2; expected 0 <= I < N" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "p").exists()  # refused before anything ran
 
 
 def test_new_slides_are_extracted_into_the_runs_store_and_failures_skipped(tmp_path: Path):
