@@ -228,6 +228,8 @@ def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
 
     import torch
 
+    from wsi_lightning import build
+
     gpus = torch.cuda.device_count()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     for i, j in enumerate(todo):
@@ -236,7 +238,7 @@ def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
         j.cfg.data.num_workers = min(int(j.cfg.data.num_workers), threads)
         if gpus and str(j.cfg.trainer.accelerator) in ("auto", "gpu", "cuda"):  # a GPU each
             j.cfg.trainer.devices = [i % gpus]
-    _prepare_shared_data(todo)
+    build.prepare_shared_data([j.cfg for j in todo])
     log.info("table %s: %d runs, %d at a time (%d threads each%s)", todo[0].table, len(todo), jobs, threads,
              f", GPUs {list(range(min(jobs, gpus)))}" if gpus else "")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -246,23 +248,6 @@ def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
                      " (resuming)" if j.resume else "")
             futures.append(pool.submit(_fit_job, OmegaConf.to_yaml(j.cfg), str(j.run_dir), j.resume))
         return [f.result() for f in futures]
-
-
-def _prepare_shared_data(todo: list[Job]) -> None:
-    """Make each feature store (and the demo slides) the jobs read, once, before they run in
-    parallel: two jobs extracting into one store at once would each do all the work."""
-    from wsi_lightning import build
-
-    seen: set[str] = set()
-    for j in todo:
-        kind = build.method_input_kind(j.cfg)
-        if build.datamodule_class(j.cfg, kind).layout is None:
-            build.manifest_path(j.cfg)  # the demo slides, generated if missing
-            continue
-        key = str(build.store_path(j.cfg))
-        if key not in seen:
-            seen.add(key)
-            build.build_datamodule(j.cfg).prepare_data()
 
 
 def _cells(spec: dict, collected: dict[str, list[dict]]) -> list[dict]:
