@@ -267,6 +267,10 @@ class TrialMonitor(L.Callback):
         return {"history": [dict(h) for h in self.history], "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores into a fresh monitor only: testing the best checkpoint after the fit loads
+        its (shorter) history too, which must not replace the epochs recorded since."""
+        if self.history:
+            return
         self.history = [dict(h) for h in state.get("history", [])]
         self.stopped_epoch = state.get("stopped_epoch")
 
