@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; finished slides and epochs are kept: rerun the command to resume "
-                  "extraction, wsi fit EXP --resume RUN_DIR to resume training")
+                  "extraction, wsi fit EXP --resume RUN_DIR to resume training, wsi sweep NAME "
+                  "--resume SWEEP_DIR to resume a sweep")
         return 130
 
 
