@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nn", ("nn",)),
     ("methods", ("methods",)),
     ("callbacks", ("callbacks",)),
-    ("app", ("build", "run", "outputs", "run_index", "qupath", "viewer", "reproduce", "sweep", "cli", "__main__")),
+    ("app", ("build", "run", "outputs", "run_index", "qupath", "viewer", "reproduce", "sweep_space", "sweep", "cli", "__main__")),
 ]
 LAYER_OF = {part: i for i, (_, parts) in enumerate(LAYERS) for part in parts}
 # the demo package is imported by the app layer only (build, CLI), not by the readers

@@ -1,4 +1,6 @@
-"""Sweeps: validation, the offline agent (grid, bayes) on a fixture store, hyperband stopping."""
+"""Sweeps: validation, the offline agent (an Optuna study: grid, bayes) on a fixture store,
+hyperband pruning, the online agent's plumbing, resume. Workers and the search space:
+tests/test_sweep_workers.py, tests/test_sweep_space.py."""
 
 from __future__ import annotations
 
@@ -11,15 +13,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
 import yaml
 
 from tests.conftest import feature_cfg_overrides
-from wsi_lightning import sweep
+from wsi_lightning import sweep, sweep_space
 from wsi_lightning.errors import ConfigError
-from wsi_lightning.sweep import RunState, SweepRun, TrialMonitor
+from wsi_lightning.sweep import TrialMonitor
 
 LR_VALUES = [1.0e-4, 1.0e-3, 1.0e-2]
 
@@ -82,14 +85,18 @@ def test_metric_that_is_never_logged_fails_after_the_first_trial(bag_data: Path,
 
 
 def test_proposals_are_reproducible_and_independent_of_training_seeds():
-    wb = {"method": "random", "parameters": {"optim.lr": {"min": 0.0, "max": 1.0}}}
+    space = sweep_space.search_space({"optim.lr": {"min": 0.0, "max": 1.0}}, "test")
 
     def draws(seed: int) -> list[float]:
-        rng, out = sweep.ProposalRNG(seed), []
-        for _ in range(3):
-            out.append(sweep.propose(wb, [], rng)["optim.lr"])
+        study, out = optuna.create_study(), []
+        for slot in range(3):
+            study.sampler = sweep_space.make_sampler("random", space, seed, slot)
+            trial = study.ask(space.distributions)
+            out.append(trial.params["optim.lr"])
+            study.tell(trial, 0.5)
             random.seed(0)  # what a trial's seed_everything does between proposals
             np.random.seed(0)
+            torch.manual_seed(0)
         return out
 
     assert draws(7) == draws(7)
@@ -123,14 +130,8 @@ def test_bad_experiment_method_metric_and_overrides(tmp_path: Path):
         sweep.run_sweep(_write_sweep(tmp_path, method="random"), mode="offline")
 
 
-HYPERBAND = {"method": "random", "metric": {"name": "val/auroc", "goal": "maximize"},
-             "parameters": {"optim.lr": {"min": 0.0, "max": 1.0}},
-             "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 2}}
-
-
-def _finished(name: str, aurocs: list[float]) -> SweepRun:
-    return SweepRun(name=name, state=RunState.finished, summaryMetrics={"val/auroc": max(aurocs)},
-                    sampledHistory=[{"val/auroc": a} for a in aurocs])
+HYPERBAND = {"type": "hyperband", "min_iter": 1, "eta": 2}
+AUROC = {"name": "val/auroc", "goal": "maximize"}
 
 
 def _validate(monitor: TrialMonitor, trainer: SimpleNamespace, auroc: float) -> None:
@@ -139,32 +140,65 @@ def _validate(monitor: TrialMonitor, trainer: SimpleNamespace, auroc: float) -> 
     trainer.current_epoch += 1
 
 
-def test_hyperband_stops_a_clearly_bad_trial_at_the_first_band():
-    previous = [_finished("t0", [0.6, 0.80, 0.82, 0.85]), _finished("t1", [0.6, 0.85, 0.9, 0.9]),
-                _finished("t2", [0.6, 0.90, 0.92, 0.95])]
-    bad = TrialMonitor("bad", HYPERBAND, previous)
+def _trial(study: optuna.Study, name: str, aurocs: list[float]) -> tuple[TrialMonitor, SimpleNamespace]:
+    """A trial whose validation epochs log ``aurocs`` (stopping where the monitor says), told to the study."""
+    trial = study.ask()
+    monitor = TrialMonitor(name, AUROC, trial)
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, should_stop=False)
-    _validate(bad, trainer, 0.50)
-    assert not trainer.should_stop  # no band before history index 1
-    _validate(bad, trainer, 0.55)
-    assert trainer.should_stop and bad.stopped_epoch == 1
-    assert [h["val/auroc"] for h in bad.history] == pytest.approx([0.50, 0.55])
+    for a in aurocs:
+        _validate(monitor, trainer, a)
+        if trainer.should_stop:
+            break
+    if trainer.should_stop:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(trial, max(h["val/auroc"] for h in monitor.history))
+    return monitor, trainer
 
-    good = TrialMonitor("good", HYPERBAND, previous)
-    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, should_stop=False)
-    for a in (0.6, 0.92, 0.95, 0.97):
-        _validate(good, trainer, a)
+
+def test_hyperband_prunes_a_clearly_bad_trial_at_the_first_band():
+    study = optuna.create_study(direction="maximize", pruner=sweep_space.make_pruner(HYPERBAND, "test"))
+    for i, hist in enumerate([[0.6, 0.80, 0.82, 0.85], [0.6, 0.85, 0.9, 0.9], [0.6, 0.90, 0.92, 0.95]]):
+        _, trainer = _trial(study, f"t{i}", hist)
+        assert not trainer.should_stop, i  # each was the best so far at every band
+    bad, trainer = _trial(study, "bad", [0.50, 0.55, 0.9, 0.9])
+    assert trainer.should_stop and bad.stopped_epoch == 1  # no band before history index 1
+    assert [h["val/auroc"] for h in bad.history] == pytest.approx([0.50, 0.55])
+    # the trial reported its best value so far at each validation index
+    assert study.trials[-1].intermediate_values == pytest.approx({0: 0.50, 1: 0.55})
+    assert study.trials[-1].state == optuna.trial.TrialState.PRUNED
+
+    good, trainer = _trial(study, "good", [0.6, 0.92, 0.95, 0.97])
     assert not trainer.should_stop and good.stopped_epoch is None
 
-    record_only = TrialMonitor("bad2", HYPERBAND, None)  # e.g. online: the server decides
+    record_only = TrialMonitor("bad2", AUROC, None)  # e.g. online: the server decides
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, should_stop=False)
     for a in (0.5, 0.55):
         _validate(record_only, trainer, a)
     assert not trainer.should_stop and len(record_only.history) == 2
 
 
+def test_hyperband_prunes_trials_that_do_not_learn(bag_data: Path, tmp_path: Path):
+    """A real grid: lr=1e-2 learns; 1e-9 and 1e-10 do not. The learner is placed where the
+    seeded grid starts (the first trial is always kept); each non-learner is then outside the
+    top 1/eta = 1/2 at the first band and stops after 2 of 3 epochs."""
+    index = sweep_space.search_space({"optim.lr": {"values": [0, 1, 2]}}, "test")
+    first = optuna.create_study(sampler=sweep_space.make_sampler("grid", index, 0, 0)).ask(
+        index.distributions).params["optim.lr"]  # the grid's first point, for seed 0
+    values = [1e-9, 1e-10]
+    values.insert(first, 1e-2)
+    path = _write_sweep(tmp_path, parameters={"optim.lr": {"values": values}}, early_terminate=HYPERBAND)
+    over = feature_cfg_overrides(bag_data, tmp_path / "runs", **{"trainer.max_epochs": 3, "seed": 0})
+    records = sorted(sweep.run_sweep(path, mode="offline", overrides=over), key=lambda r: r.name)
+    assert [r.params["optim.lr"] for r in records][0] == 1e-2
+    assert [(r.state, len(r.history)) for r in records] == [("finished", 3)] + [("early_terminated", 2)] * 2
+    assert records[0].metric < min(r.metric for r in records[1:])  # pruned: their best of 2 epochs
+    rows = {row["trial"]: row["state"] for row in csv.DictReader((records[0].run_dir.parent / "trials.csv").open())}
+    assert rows == {r.name: r.state for r in records}
+
+
 def test_sanity_check_is_not_recorded_and_trial_value():
-    m = TrialMonitor("t", HYPERBAND, [])
+    m = TrialMonitor("t", AUROC, None)
     m.on_validation_end(SimpleNamespace(sanity_checking=True), None)
     assert m.history == []
     hist = [{"val/loss": 0.7}, {"val/loss": 0.4}, {"val/loss": float("nan")}]
@@ -207,8 +241,9 @@ def test_online_agent_plumbing_with_a_fake_wandb(tmp_path: Path, monkeypatch: py
 
 
 def test_interrupted_offline_sweep_resumes_to_the_same_trials(bag_data: Path, tmp_path: Path, monkeypatch):
-    """Kill a sweep in the middle of trial 1's fit; --resume reads trial 0 back, continues trial 1
-    from its last epoch and runs trial 2: the same values as an uninterrupted sweep."""
+    """Kill a sweep in the middle of trial 1's fit; --resume keeps trial 0 (finished in the
+    study), runs trial 1 again with its parameters, continuing its fit from the last epoch, and
+    runs trial 2 (proposed from the seed and its slot): the values of an uninterrupted sweep."""
     import lightning as L
 
     from wsi_lightning import run
@@ -248,5 +283,12 @@ def test_interrupted_offline_sweep_resumes_to_the_same_trials(bag_data: Path, tm
         assert resumed[name].params == r.params
         assert resumed[name].metric == pytest.approx(r.metric, rel=1e-6), name
         assert resumed[name].metrics == pytest.approx(r.metrics, rel=1e-6), name
+    study = optuna.load_study(study_name=path.stem, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(sweep_dir / "study.journal"))))
+    attempts = [(t.user_attrs["name"], t.state.name, "interrupted" in t.user_attrs) for t in study.trials]
+    assert attempts == [("trial_000", "COMPLETE", False), ("trial_001", "FAIL", True),
+                        ("trial_001", "COMPLETE", False), ("trial_002", "COMPLETE", False)]
+    assert [r["trial"] for r in csv.DictReader((sweep_dir / "trials.csv").open())] == [
+        r.name for r in sorted(resumed.values(), key=lambda r: r.metric)]
     with pytest.raises(Exception, match="would change the trials"):
         sweep.run_sweep(path, mode="offline", resume=sweep_dir, overrides=["optim.lr=0.1"])

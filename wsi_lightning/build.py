@@ -162,6 +162,22 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
                "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NAME", "SLURM_NODEID")
 
 
+def prepare_shared_data(cfgs: list[DictConfig]) -> None:
+    """Make each feature store (and the demo slides) the configs read, once, before parallel
+    fits start (``wsi reproduce --jobs``, ``wsi sweep --workers``): two fits extracting into one
+    store at once would each do all the work."""
+    seen: set[str] = set()
+    for cfg in cfgs:
+        kind = method_input_kind(cfg)
+        if datamodule_class(cfg, kind).layout is None:
+            manifest_path(cfg)  # the demo slides, generated if missing
+            continue
+        key = str(store_path(cfg))
+        if key not in seen:
+            seen.add(key)
+            build_datamodule(cfg).prepare_data()
+
+
 def launched() -> tuple[int, int, int] | None:
     """(global rank, world size, local rank) of a process that torchrun (any ``--nnodes``) or
     SLURM's ``srun`` (several tasks) started as one of several; None for a plain process

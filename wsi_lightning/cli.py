@@ -345,7 +345,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from wsi_lightning.sweep import run_sweep
 
     mode = "offline" if args.offline else "online" if args.online else "auto"
-    run_sweep(args.name, count=args.count, mode=mode, overrides=args.overrides, resume=args.resume)
+    run_sweep(args.name, count=args.count, mode=mode, overrides=args.overrides, resume=args.resume,
+              join=args.join, workers=args.workers)
     return 0
 
 
@@ -473,10 +474,16 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="config overrides for every trial")
     s.add_argument("--count", type=int, default=None, help="number of trials (default: the file's)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--offline", action="store_true", help="local agent (sweeps package), no W&B server")
+    g.add_argument("--offline", action="store_true", help="local agent (an Optuna study), no W&B server")
     g.add_argument("--online", action="store_true", help="W&B server sweep + agent")
-    s.add_argument("--resume", metavar="SWEEP_DIR", default=None,
-                   help="continue an interrupted offline sweep (runs/sweeps/<sweep>/<timestamp>)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="offline: N worker processes taking trials from the sweep's study (default 1)")
+    r = s.add_mutually_exclusive_group()
+    r.add_argument("--resume", metavar="SWEEP_DIR", default=None,
+                   help="continue a stopped offline sweep (runs/sweeps/<sweep>/<timestamp>): "
+                   "interrupted trials run again, then new ones")
+    r.add_argument("--join", metavar="SWEEP_DIR", default=None,
+                   help="add workers (this machine) to an offline sweep, running or not")
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("manifest", help="build a manifest from a public dataset's folder layout")
@@ -529,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; finished slides and epochs are kept: rerun the command to resume "
-                  "extraction, wsi fit EXP --resume RUN_DIR to resume training")
+                  "extraction, wsi fit EXP --resume RUN_DIR to resume training, wsi sweep NAME "
+                  "--resume SWEEP_DIR to resume a sweep")
         return 130
 
 

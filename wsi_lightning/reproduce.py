@@ -249,6 +249,8 @@ def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
 
     import torch
 
+    from wsi_lightning import build
+
     gpus = torch.cuda.device_count()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     for i, j in enumerate(todo):
@@ -257,7 +259,7 @@ def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
         j.cfg.data.num_workers = min(int(j.cfg.data.num_workers), threads)
         if gpus and str(j.cfg.trainer.accelerator) in ("auto", "gpu", "cuda"):  # a GPU each
             j.cfg.trainer.devices = [i % gpus]
-    _prepare_shared_data(todo)
+    build.prepare_shared_data([j.cfg for j in todo])
     log.info("table %s: %d runs, %d at a time (%d threads each%s)", todo[0].table, len(todo), jobs, threads,
              f", GPUs {list(range(min(jobs, gpus)))}" if gpus else "")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -267,27 +269,6 @@ def _run_jobs(todo: list[Job], jobs: int) -> list[dict[str, float]]:
                      " (resuming)" if j.resume else "")
             futures.append(pool.submit(_fit_job, OmegaConf.to_yaml(j.cfg), str(j.run_dir), j.resume))
         return [f.result() for f in futures]
-
-
-def _prepare_shared_data(todo: list[Job]) -> None:
-    """Make each feature store (and the demo slides) the jobs read, once, before they run in
-    parallel: two jobs extracting into one store at once would each do all the work."""
-    _prepare_configs([j.cfg for j in todo])
-
-
-def _prepare_configs(cfgs: list[DictConfig]) -> None:
-    from wsi_lightning import build
-
-    seen: set[str] = set()
-    for cfg in cfgs:
-        kind = build.method_input_kind(cfg)
-        if build.datamodule_class(cfg, kind).layout is None:
-            build.manifest_path(cfg)  # the demo slides, generated if missing
-            continue
-        key = str(build.store_path(cfg))
-        if key not in seen:
-            seen.add(key)
-            build.build_datamodule(cfg).prepare_data()
 
 
 # ----------------------------------------------------------------------------- SLURM (submitit)
@@ -378,7 +359,9 @@ def _prepare_job(cfg_yamls: list[str]) -> None:
     """``prepare: job``: the table's stores, made in a job of their own."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    _prepare_configs([OmegaConf.create(y) for y in cfg_yamls])
+    from wsi_lightning import build
+
+    build.prepare_shared_data([OmegaConf.create(y) for y in cfg_yamls])
 
 
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
@@ -430,7 +413,9 @@ def _run_submitit(todo: list[Job], jobs: int | None, launcher: str, s: SlurmSett
         log.info("table %s: preparing the data in job %s (log %s)", todo[0].table, prep.job_id, prep.paths.stdout)
         _wait([prep], ["data preparation"], launcher)
     else:
-        _prepare_shared_data(todo)
+        from wsi_lightning import build
+
+        build.prepare_shared_data([j.cfg for j in todo])
     args = [(OmegaConf.to_yaml(j.cfg), str(j.run_dir.resolve()), j.resume) for j in todo]
     what = [f"{j.row}, seed {j.seed}" for j in todo]
     if launcher == "slurm":

@@ -14,22 +14,32 @@ removed before the rest goes to W&B::
     early_terminate: {type: hyperband, min_iter: 3, eta: 2}
 
 Two agents run the same ``run_trial``: ``online`` asks a W&B server (``wandb.sweep`` +
-``wandb.agent``); ``offline`` proposes with W&B's own engine (the ``sweeps`` package) in this
-process and does hyperband early termination with a Lightning callback. Each trial is a normal run
-in ``<paths.runs>/sweeps/<sweep>/<timestamp>/trial_<i>/``; the sweep folder gets ``sweep.yaml``
-(the resolved sweep) and ``trials.csv`` (trials ranked by the metric).
+``wandb.agent``); ``offline`` asks an Optuna study (the file translated by
+``wsi_lightning/sweep_space.py``: grid / random / bayes -> GridSampler / RandomSampler /
+TPESampler, hyperband -> SuccessiveHalvingPruner, checked after each validation epoch by
+``TrialMonitor``). Each trial is a normal run in ``<paths.runs>/sweeps/<sweep>/<timestamp>/trial_<i>/``;
+the sweep folder gets ``sweep.yaml`` (the resolved sweep), ``study.journal`` (the Optuna study,
+a JournalStorage file) and ``trials.csv`` (trials ranked by the metric, rewritten after each trial).
+
+Offline workers: ``workers`` processes (spawned) ask the study for trials until ``count`` are
+taken; more processes, on this machine or another one that sees the sweep folder, join with
+``join=<sweep folder>``. A short file lock (``ask.lock``) makes taking a trial's slot, its
+proposal and its name one step, so the workers together run ``count`` trials, each once.
 
 Every trial keeps the experiment's ``seed`` (same initialisation and split, so trials differ only by
-their parameters); sweep ``seed`` itself as a parameter to measure seed noise. Offline proposals
-use their own random state, seeded from ``seed`` and never touched by training.
+their parameters); sweep ``seed`` itself as a parameter to measure seed noise. Proposals depend on
+(the seed, the trial's slot, the trials finished before), never on training's random state.
 
 Deviations from W&B:
     - ``metric.goal`` is required (W&B silently defaults to minimize).
     - A trial's value (offline ranking) is the best epoch of a per-epoch metric such as
       ``val/auroc`` (the epoch the checkpoint keeps when ``monitor.metric`` is the same metric), or
       the ``test/*`` value of the best checkpoint; W&B's run summary shows the last logged value.
-    - Trials run one at a time in this process, so ``trainer.devices`` must be 1 (start several
-      online agents to run trials in parallel).
+    - A trial uses one device (``trainer.devices`` must be 1); run trials in parallel with
+      offline workers or several online agents.
+    - Offline proposals and early termination are Optuna's, not W&B's engine: see the
+      deviations in ``wsi_lightning/sweep_space.py``. A parameter spec Optuna cannot express is
+      refused for both agents, so the two search the same space.
 """
 
 from __future__ import annotations
@@ -39,46 +49,48 @@ import csv
 import json
 import logging
 import math
-import random
+import os
+import shutil
+import socket
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import optuna
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import TrialState
 
-with warnings.catch_warnings():  # sweeps' pydantic models warn about renamed v1 settings
-    warnings.simplefilter("ignore")
-    import sweeps
-    import sweeps.bayes_search  # noqa: F401  imported before seeding: proposals reproducible
-    import sweeps.grid_search  # noqa: F401
-    import sweeps.random_search  # noqa: F401
-    from sweeps import RunState, SweepRun
-
-from wsi_lightning import build, config, run
+from wsi_lightning import build, config, run, sweep_space
 from wsi_lightning.errors import ConfigError, WSIError
 
 log = logging.getLogger(__name__)
 
 OUR_KEYS = ("experiment", "count", "overrides")
-SEARCH_METHODS = ("grid", "random", "bayes")
+SEARCH_METHODS = sweep_space.METHODS
 GOALS = ("minimize", "maximize")
 MODES = ("auto", "offline", "online")
 MAX_CONSECUTIVE_FAILURES = 3
+STUDY_FILE = "study.journal"
+ASK_LOCK = "ask"  # JournalFileOpenLock adds .lock
 
 
 @dataclass
 class TrialRecord:
     """One trial of a sweep.
 
-    ``state`` is ``finished``, ``early_terminated`` (stopped by hyperband) or ``failed``;
+    ``state`` is ``finished``, ``early_terminated`` (pruned at a hyperband band), ``failed``,
+    or (summaries only) ``running``, ``waiting`` (queued to re-run) or ``interrupted``;
     ``metric`` is the trial's value of the sweep metric (None if never logged);
-    ``metrics`` its test metrics; ``history`` the logged metrics after each validation epoch.
+    ``metrics`` its test metrics; ``history`` the logged metrics after each validation epoch;
+    ``started`` / ``ended`` ISO times and ``worker`` (``host:pid``) of the process that ran it.
     """
 
     name: str
@@ -89,6 +101,9 @@ class TrialRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
+    started: str | None = None
+    ended: str | None = None
+    worker: str | None = None
 
 
 # ----------------------------------------------------------------------------- sweep files
@@ -112,7 +127,7 @@ def sweep_path(name_or_path: str | Path) -> Path:
 
 
 def wandb_part(sweep: dict) -> dict:
-    """The sweep without our own keys: what W&B (or the ``sweeps`` engine) is given."""
+    """The sweep without our own keys: what W&B is given (and the offline engine translates)."""
     return {k: copy.deepcopy(v) for k, v in sweep.items() if k not in OUR_KEYS}
 
 
@@ -120,7 +135,8 @@ def load_sweep(name_or_path: str | Path, overrides: list[str] | None = None) -> 
     """Read and validate a sweep file.
 
     Checks the search method, metric, experiment, that every parameter is a config key of the
-    experiment (method arguments included) and that a sampled value of each loads.
+    experiment (method arguments included), that Optuna can express it (``sweep_space``) and
+    that a value of each loads.
 
     Args:
         name_or_path: sweep name (``experiments/sweeps/<name>.yaml``) or a YAML path.
@@ -166,18 +182,20 @@ def _check_structure(sweep: dict, where: str) -> None:
     over = sweep.get("overrides", [])
     if not isinstance(over, list) or not all(isinstance(o, str) for o in over):
         raise ConfigError(f"{where}: key 'overrides' must be a list of 'key=value' strings")
-    et = sweep.get("early_terminate")
-    if et is not None and (not isinstance(et, dict) or et.get("type") != "hyperband"):
-        raise ConfigError(f"{where}: key 'early_terminate' = {et!r}; expected {{type: hyperband, "
-                          "min_iter: <epochs>, eta: <int>}}")
-    try:
-        sweeps.SweepConfig(wandb_part(sweep))
-    except Exception as e:  # jsonschema.ValidationError: message names the offending value
-        raise ConfigError(f"{where}: not a valid W&B sweep: {getattr(e, 'message', e)}") from e
+    extra = sorted(set(sweep) - {*OUR_KEYS, "method", "metric", "parameters", "early_terminate",
+                                 "name", "description", "program", "command", "project", "entity",
+                                 "run_cap"})
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {extra}; expected W&B sweep keys (method, metric, "
+                          f"parameters, early_terminate) and ours {list(OUR_KEYS)}")
+    space = sweep_space.search_space(params, where)
+    if sweep["method"] == "grid":
+        space.grid(where)
+    sweep_space.make_pruner(sweep.get("early_terminate"), where)
 
 
 def dry_run_config(sweep: dict, overrides: list[str] | None, where: str) -> DictConfig:
-    """The experiment config a trial would get with one sampled value of every parameter."""
+    """The experiment config a trial would get with one value of every parameter."""
     exp = sweep.get("experiment")
     if not isinstance(exp, str) or not (exp in config.list_experiments() or Path(exp).exists()):
         raise ConfigError(f"{where}: key 'experiment' = {exp!r} is not an experiment; available: "
@@ -191,41 +209,17 @@ def dry_run_config(sweep: dict, overrides: list[str] | None, where: str) -> Dict
     if clash:
         raise ConfigError(f"{where}: {clash} are swept parameters and also fixed by overrides; "
                           "drop one of the two")
-    sample = propose(wandb_part(sweep) | {"method": "random"}, [], ProposalRNG(0)) or {}
+    sample = sweep_space.search_space(sweep["parameters"], where).example()
     try:
         cfg = config.load(exp, [*fixed, *param_overrides(sample)])
         build.method_kwargs(cfg)  # method.* parameters: checked against the method's arguments
     except ConfigError as e:
-        raise ConfigError(f"{where}: with sampled parameters {sample}: {e}") from e
+        raise ConfigError(f"{where}: with parameters {sample}: {e}") from e
     if cfg.trainer.devices not in (1, "1") or int(cfg.trainer.num_nodes) != 1:
-        raise ConfigError(f"{where}: trials run one at a time in this process; set "
-                          f"trainer.devices=1 (got {cfg.trainer.devices}) and trainer.num_nodes=1")
+        raise ConfigError(f"{where}: a trial uses one device; set trainer.devices=1 (got "
+                          f"{cfg.trainer.devices}) and trainer.num_nodes=1, and run trials in "
+                          "parallel with --workers N")
     return cfg
-
-
-# ----------------------------------------------------------------------------- proposals
-class ProposalRNG:
-    """Python + NumPy global random states reserved for proposals (the ``sweeps`` engine draws
-    from the globals); training's ``seed_everything`` between proposals does not change them."""
-
-    def __init__(self, seed: int) -> None:
-        outer = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        self._state = random.getstate(), np.random.get_state()
-        random.setstate(outer[0])
-        np.random.set_state(outer[1])
-
-    def __enter__(self) -> ProposalRNG:
-        self._outer = random.getstate(), np.random.get_state()
-        random.setstate(self._state[0])
-        np.random.set_state(self._state[1])
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._state = random.getstate(), np.random.get_state()
-        random.setstate(self._outer[0])
-        np.random.set_state(self._outer[1])
 
 
 def _plain(v: Any) -> Any:
@@ -236,52 +230,32 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def propose(wandb_cfg: dict, runs: list[SweepRun], rng: ProposalRNG) -> dict[str, Any] | None:
-    """Next parameters ``{dotted key: value}`` from the ``sweeps`` engine; None when a grid is done."""
-    with rng, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # bayes: sklearn convergence warnings on tiny sweeps
-        nxt = sweeps.next_run(wandb_cfg, runs)
-    return None if nxt is None else {k: _plain(v["value"]) for k, v in nxt.config.items()}
-
-
 def param_overrides(params: dict[str, Any]) -> list[str]:
     """``{"optim.lr": 1e-4}`` -> ``["optim.lr=0.0001"]`` (JSON values are valid YAML)."""
     return [f"{k}={json.dumps(_plain(v))}" for k, v in params.items()]
 
 
-def to_sweep_run(rec: TrialRecord, metric: str) -> SweepRun:
-    """A finished trial as the ``sweeps`` engine expects it (aliased keywords: see docs/environment.md)."""
-    return SweepRun(
-        name=rec.name,
-        state=RunState.failed if rec.state == "failed" else RunState.finished,
-        config={k: {"value": v} for k, v in rec.params.items()},
-        summaryMetrics={} if rec.metric is None else {metric: rec.metric},
-        sampledHistory=rec.history,
-        stopped=rec.state == "early_terminated",
-    )
-
-
 # ----------------------------------------------------------------------------- trials
 class TrialMonitor(L.Callback):
-    """Records the logged metrics after every validation epoch; with a hyperband
-    ``early_terminate`` asks ``sweeps.stop_runs`` whether this trial falls below the band's
-    threshold (set by ``previous`` trials and this one) and if so stops training.
+    """Records the logged metrics after every validation epoch; given an Optuna trial, reports
+    the metric's best value so far to it (step = the validation epoch's index) and stops
+    training when the study's pruner (hyperband: ``SuccessiveHalvingPruner``) says so.
 
     Args:
         name: the trial's name (unique within the sweep).
-        wandb_cfg: the W&B part of the sweep (metric, early_terminate).
-        previous: the sweep's finished trials; None = record only (e.g. the server decides).
+        metric: the sweep's ``{name, goal}``.
+        trial: the Optuna trial; None = record only (e.g. the W&B server decides).
     """
 
-    def __init__(self, name: str, wandb_cfg: dict, previous: list[SweepRun] | None = None) -> None:
-        et = wandb_cfg.get("early_terminate")
-        if et is not None and (et.get("type") != "hyperband" or "metric" not in wandb_cfg):
-            raise ConfigError(f"early_terminate {et!r}: only type hyperband (with a metric) is supported")
+    def __init__(self, name: str, metric: dict, trial: optuna.trial.Trial | None = None) -> None:
+        if not isinstance(metric, dict) or not metric.get("name") or metric.get("goal") not in GOALS:
+            raise ConfigError(f"TrialMonitor: metric must be {{name, goal: minimize | maximize}}; got {metric!r}")
         self.name = name
-        self.wandb_cfg = wandb_cfg
-        self.previous = previous
+        self.metric = dict(metric)
+        self.trial = trial
         self.history: list[dict[str, float]] = []
         self.stopped_epoch: int | None = None
+        self._reported = 0  # history entries reported to the trial
 
     @property
     def state_key(self) -> str:
@@ -289,23 +263,29 @@ class TrialMonitor(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint, so a resumed trial keeps its history (its value and the
-        hyperband decisions read it)."""
+        pruner's decisions read it)."""
         return {"history": [dict(h) for h in self.history], "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores into a fresh monitor only: testing the best checkpoint after the fit loads
+        its (shorter) history too, which must not replace the epochs recorded since."""
+        if self.history:
+            return
         self.history = [dict(h) for h in state.get("history", [])]
         self.stopped_epoch = state.get("stopped_epoch")
 
-    @property
-    def early_terminates(self) -> bool:
-        return self.previous is not None and "early_terminate" in self.wandb_cfg
-
-    def should_stop(self) -> bool:
-        current = SweepRun(name=self.name, state=RunState.running, sampledHistory=self.history)
-        to_stop = sweeps.stop_runs(self.wandb_cfg, [*(self.previous or []), current])
-        if current.early_terminate_info:
-            log.debug("hyperband: %s", current.early_terminate_info["lines"])
-        return any(r.name == self.name for r in to_stop)
+    def _report(self) -> None:
+        """Report the best value so far at every history entry not reported yet (a resumed
+        trial reports its restored epochs first)."""
+        key, best = self.metric["name"], None
+        pick = max if self.metric["goal"] == "maximize" else min
+        for step, entry in enumerate(self.history):
+            v = entry.get(key)
+            if v is not None and math.isfinite(v):
+                best = v if best is None else pick(best, v)
+            if step >= self._reported and best is not None:
+                self.trial.report(best, step)
+        self._reported = len(self.history)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -313,11 +293,14 @@ class TrialMonitor(L.Callback):
         entry = {k: float(v) for k, v in trainer.callback_metrics.items() if _is_scalar(v)}
         entry["epoch"] = int(trainer.current_epoch)
         self.history.append(entry)
-        if self.early_terminates and self.stopped_epoch is None and self.should_stop():
+        if self.trial is None or self.stopped_epoch is not None:
+            return
+        self._report()
+        if self.trial.should_prune():
             self.stopped_epoch = int(trainer.current_epoch)
             trainer.should_stop = True
             log.info("hyperband: stopping %s after epoch %d (%s below the band's threshold)",
-                     self.name, self.stopped_epoch, self.wandb_cfg["metric"]["name"])
+                     self.name, self.stopped_epoch, self.metric["name"])
 
 
 def _is_scalar(v: Any) -> bool:
@@ -337,7 +320,7 @@ def trial_value(metric: str, goal: str, history: list[dict[str, float]],
 
 def run_trial(sweep_cfg: dict, params: dict[str, Any], trial_name: str, sweep_dir: Path,
               overrides: list[str] | None = None,
-              previous: list[SweepRun] | None = None, resume: bool = False) -> TrialRecord:
+              trial: optuna.trial.Trial | None = None, resume: bool = False) -> TrialRecord:
     """Run one trial: the experiment with the sweep's overrides, ``overrides``, then ``params``.
 
     Args:
@@ -346,14 +329,15 @@ def run_trial(sweep_cfg: dict, params: dict[str, Any], trial_name: str, sweep_di
         trial_name: folder name of the run inside ``sweep_dir``.
         sweep_dir: the sweep's folder.
         overrides: extra ``key=value`` (command line).
-        previous: finished trials, for offline hyperband early termination (None: none).
+        trial: the offline agent's Optuna trial (reports + pruning); None: record only.
         resume: continue the trial's interrupted fit from its ``last.ckpt``.
     """
     over = [*sweep_cfg.get("overrides", []), *(overrides or []), *param_overrides(params)]
     cfg = config.load(sweep_cfg["experiment"], over)
     w = cfg.logger.wandb  # one W&B group per sweep, unless the sweep names its own
     w.group, w.job_type = w.group or f"sweep/{sweep_dir.parent.name}/{sweep_dir.name}", w.job_type or "trial"
-    monitor = TrialMonitor(trial_name, wandb_part(sweep_cfg), previous)
+    monitor = TrialMonitor(trial_name, sweep_cfg["metric"], trial)
+    started = _now()
     res = run.fit(cfg, run_dir=sweep_dir / trial_name, extra_callbacks=[monitor], resume=resume)
     m = sweep_cfg["metric"]
     value = trial_value(m["name"], m["goal"], monitor.history, res.metrics)
@@ -363,38 +347,53 @@ def run_trial(sweep_cfg: dict, params: dict[str, Any], trial_name: str, sweep_di
                           f"logged metrics: {logged}")
     state = "finished" if monitor.stopped_epoch is None else "early_terminated"
     return TrialRecord(trial_name, dict(params), value, res.run_dir, state, dict(res.metrics),
-                       monitor.history)
+                       monitor.history, started=started, ended=_now(), worker=WORKER)
 
 
 def _guarded_trial(sweep_cfg: dict, params: dict[str, Any], name: str, sweep_dir: Path,
-                   overrides: list[str], previous: list[SweepRun] | None, resume: bool = False) -> TrialRecord:
+                   overrides: list[str], trial: optuna.trial.Trial | None,
+                   resume: bool = False) -> TrialRecord:
     """``run_trial``; a crash (not a config error) is recorded as a failed trial. The record is
-    written to ``<trial>/trial.json`` (what a resumed sweep reads back instead of rerunning)."""
+    written to ``<trial>/trial.json``."""
+    started = _now()
     try:
-        rec = run_trial(sweep_cfg, params, name, sweep_dir, overrides, previous, resume=resume)
+        rec = run_trial(sweep_cfg, params, name, sweep_dir, overrides, trial, resume=resume)
     except WSIError:
         raise
     except Exception as e:
         log.exception("trial %s failed with parameters %s", name, params)
-        rec = TrialRecord(name, dict(params), None, sweep_dir / name, "failed", error=repr(e))
+        rec = TrialRecord(name, dict(params), None, sweep_dir / name, "failed", error=repr(e),
+                          started=started, ended=_now(), worker=WORKER)
     _write_record(sweep_dir / name / TRIAL_FILE, rec)
     return rec
 
 
 TRIAL_FILE = "trial.json"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # this process (a spawned worker has its own)
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="milliseconds")
+
+
+def _record_json(rec: TrialRecord) -> dict[str, Any]:
+    d = {**rec.__dict__, "run_dir": None if rec.run_dir is None else str(rec.run_dir)}
+    return json.loads(json.dumps(d, default=_plain))
+
+
+def _record_from(d: dict[str, Any]) -> TrialRecord:
+    return TrialRecord(**{**d, "run_dir": None if d.get("run_dir") is None else Path(d["run_dir"])})
 
 
 def _write_record(path: Path, rec: TrialRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**rec.__dict__, "run_dir": None if rec.run_dir is None else str(rec.run_dir)},
-                              default=_plain))
+    tmp.write_text(json.dumps(_record_json(rec)))
     tmp.replace(path)
 
 
 def _read_record(path: Path) -> TrialRecord:
-    d = json.loads(path.read_text())
-    return TrialRecord(**{**d, "run_dir": None if d.get("run_dir") is None else Path(d["run_dir"])})
+    return _record_from(json.loads(path.read_text()))
 
 
 def _finish_wandb_run() -> None:
@@ -407,28 +406,41 @@ def _finish_wandb_run() -> None:
 # ----------------------------------------------------------------------------- agents
 def run_sweep(name_or_path: str | Path, count: int | None = None, mode: str = "auto",
               runs_dir: Path | None = None, overrides: list[str] | None = None,
-              resume: str | Path | None = None) -> list[TrialRecord]:
+              resume: str | Path | None = None, join: str | Path | None = None,
+              workers: int = 1) -> list[TrialRecord]:
     """Run a sweep and rank its trials.
 
     Args:
         name_or_path: sweep name (``experiments/sweeps/<name>.yaml``) or a YAML path.
-        count: number of trials (default: the file's ``count``; grid: until exhausted).
-        mode: ``online`` (W&B server agent), ``offline`` (local agent) or ``auto``: online when
+        count: number of trials (default: the file's ``count``; grid: until exhausted). With
+            ``resume`` / ``join``: the sweep's new total.
+        mode: ``online`` (W&B server agent), ``offline`` (Optuna study) or ``auto``: online when
             the experiment's ``logger.wandb`` is enabled with ``mode: online``.
         runs_dir: replaces ``paths.runs``.
-        overrides: ``key=value`` applied to every trial.
-        resume: the folder of an interrupted offline sweep: it continues with that sweep's
-            saved settings (``sweep.yaml``); finished trials are read back (``trial.json``),
-            the interrupted one resumes from its ``last.ckpt``, and the proposals replay (they
-            depend only on the seed and the finished trials' values).
+        overrides: ``key=value`` applied to every trial (``resume`` / ``join``: execution
+            settings only).
+        resume: the folder of an interrupted offline sweep, none of whose workers still runs:
+            finished trials are kept, trials that were running when it stopped run again with
+            the same parameters and name (from their ``last.ckpt`` when an epoch had finished),
+            then new trials until the total.
+        join: the folder of an offline sweep (running or not): add workers; they take trials
+            until the total, leaving other workers' running trials alone.
+        workers: offline worker processes (1: this process).
 
     Returns:
-        The trials, best first (failed ones last).
+        The trials, best first (failed ones last); offline: every trial of the study, whichever
+        worker ran it.
     """
     if mode not in MODES:
         raise ConfigError(f"sweep mode {mode!r}; expected one of {list(MODES)}")
-    if resume is not None:
-        return _resume_sweep(name_or_path, Path(resume), overrides or [])
+    if type(workers) is not int or workers < 1:
+        raise ConfigError(f"--workers {workers!r}; expected an integer >= 1")
+    if resume is not None and join is not None:
+        raise ConfigError("--resume and --join exclude each other: --resume re-runs interrupted "
+                          "trials of a stopped sweep, --join adds workers to a sweep")
+    if resume is not None or join is not None:
+        return _continue_sweep(name_or_path, Path(resume or join), overrides or [], count, workers,
+                               requeue=resume is not None)
     overrides = [*(overrides or []), *([f"paths.runs={runs_dir}"] if runs_dir else [])]
     path = sweep_path(name_or_path)
     sweep_cfg, cfg = _load(path, overrides)
@@ -438,49 +450,57 @@ def run_sweep(name_or_path: str | Path, count: int | None = None, mode: str = "a
     if not online and count is None and sweep_cfg["method"] != "grid":
         raise ConfigError(f"sweep {path}: a {sweep_cfg['method']} sweep needs a number of trials: "
                           "set 'count:' in the file or pass --count N")
+    if online and workers != 1:
+        raise ConfigError("--workers is for offline sweeps; run more online agents with "
+                          "`wandb agent <sweep id>`")
     sweep_dir = _new_sweep_dir(Path(cfg.paths.runs) / "sweeps" / path.stem)
-    resolved = {**sweep_cfg, **sweeps.SweepConfig(wandb_part(sweep_cfg)), "count": count,
-                "overrides": [*sweep_cfg.get("overrides", []), *overrides],
+    trial_over = [*sweep_cfg.get("overrides", []), *overrides]
+    if not online and w.enabled and w.mode == "online":
+        log.info("offline sweep: trials log to W&B offline (logger.wandb.mode=offline)")
+        trial_over.append("logger.wandb.mode=offline")
+    resolved = {**sweep_cfg, "count": count, "overrides": trial_over,
                 "mode": "online" if online else "offline", "seed": int(cfg.seed)}
+    if not online:
+        resolved["optuna"] = _study_summary(path.stem, sweep_cfg, int(cfg.seed), str(path))
     _write_yaml(sweep_dir / "sweep.yaml", resolved)
     log.info("sweep %s (%s, %s agent): trials in %s", path.stem, sweep_cfg["method"],
              resolved["mode"], sweep_dir)
     if online:
         records = _run_online(sweep_cfg, count, sweep_dir, overrides, cfg, resolved)
-    else:
-        if w.enabled and w.mode == "online":
-            log.info("offline sweep: trials log to W&B offline (logger.wandb.mode=offline)")
-            overrides = [*overrides, "logger.wandb.mode=offline"]
-        records = _run_offline(sweep_cfg, count, sweep_dir, overrides, int(cfg.seed))
-    return summarize(records, sweep_cfg["metric"], sweep_dir)
+        return summarize(records, sweep_cfg["metric"], sweep_dir)
+    open_study(sweep_dir, resolved)  # created before any worker starts
+    return _run_offline(sweep_dir, resolved, [], count, workers)
 
 
-def _resume_sweep(name_or_path: str | Path, sweep_dir: Path, overrides: list[str]) -> list[TrialRecord]:
-    """Continue the offline sweep in ``sweep_dir`` (see :func:`run_sweep`)."""
+def _continue_sweep(name_or_path: str | Path, sweep_dir: Path, overrides: list[str], count: int | None,
+                    workers: int, requeue: bool) -> list[TrialRecord]:
+    """``--resume`` (``requeue``) or ``--join`` the offline sweep in ``sweep_dir`` (see :func:`run_sweep`)."""
+    flag = "--resume" if requeue else "--join"
     saved = sweep_dir / "sweep.yaml"
-    if not saved.exists():
-        raise WSIError(f"--resume {sweep_dir}: not a sweep folder (no sweep.yaml); pass "
-                       "runs/sweeps/<sweep>/<timestamp>")
+    if not saved.exists() or not (sweep_dir / STUDY_FILE).exists():
+        raise WSIError(f"{flag} {sweep_dir}: not an offline sweep folder (no sweep.yaml and "
+                       f"{STUDY_FILE}); pass runs/sweeps/<sweep>/<timestamp>")
     resolved = yaml.safe_load(saved.read_text())
     if resolved.get("mode") != "offline":
-        raise WSIError(f"--resume {sweep_dir}: an online (W&B server) sweep; resume it with "
+        raise WSIError(f"{flag} {sweep_dir}: an online (W&B server) sweep; continue it with "
                        f"`wandb agent {resolved.get('sweep_id', '<sweep id>')}`")
     path = sweep_path(name_or_path)
     sweep_cfg, _ = _load(path, [])
-    now = json.loads(json.dumps(dict(sweeps.SweepConfig(wandb_part(sweep_cfg))), default=str))
+    now = json.loads(json.dumps(wandb_part(sweep_cfg), default=str))
     keys = ("method", "metric", "parameters", "early_terminate")
     if any(now.get(k) != resolved.get(k) for k in keys):
-        raise WSIError(f"--resume {sweep_dir}: {path} has changed since that sweep started "
+        raise WSIError(f"{flag} {sweep_dir}: {path} has changed since that sweep started "
                        "(method, metric or parameters differ); start a new sweep")
     refused = config.non_execution_keys(config.parse_overrides(overrides))
     if refused:
-        raise WSIError(f"--resume {sweep_dir}: override(s) {refused} would change the trials; only "
+        raise WSIError(f"{flag} {sweep_dir}: override(s) {refused} would change the trials; only "
                        "execution settings (trainer.num_threads, data.num_workers, logger.*) may change")
-    trial_over = [*resolved.get("overrides", []), *overrides]
-    log.info("resuming sweep %s in %s", path.stem, sweep_dir)
-    records = _run_offline({**sweep_cfg, "overrides": []}, resolved.get("count"), sweep_dir, trial_over,
-                           int(resolved["seed"]))
-    return summarize(records, sweep_cfg["metric"], sweep_dir)
+    study = open_study(sweep_dir, resolved)
+    if requeue:
+        _requeue_interrupted(study, sweep_dir)
+    log.info("%s sweep %s in %s", "resuming" if requeue else "joining", path.stem, sweep_dir)
+    return _run_offline(sweep_dir, resolved, overrides, count if count is not None else resolved.get("count"),
+                        workers)
 
 
 def _new_sweep_dir(base: Path) -> Path:
@@ -496,46 +516,228 @@ def _write_yaml(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False))
 
 
-def _run_offline(sweep_cfg: dict, count: int | None, sweep_dir: Path, overrides: list[str],
-                 seed: int) -> list[TrialRecord]:
-    """Local agent: propose with the ``sweeps`` engine, run, record, repeat."""
-    wb, metric = wandb_part(sweep_cfg), sweep_cfg["metric"]["name"]
-    rng, records, runs, failures = ProposalRNG(seed), [], [], 0
-    hyperband = "early_terminate" in wb
-    while count is None or len(records) < count:
-        params = propose(wb, runs, rng)
-        if params is None:
-            log.info("grid exhausted after %d trials", len(records))
-            break
-        name = f"trial_{len(records):03d}"
-        trial_dir = sweep_dir / name
-        if (trial_dir / TRIAL_FILE).exists():  # a resumed sweep: this trial finished before
-            rec = _read_record(trial_dir / TRIAL_FILE)
-            if rec.params != params:
-                raise WSIError(f"{trial_dir}: recorded parameters {rec.params} differ from the replayed "
-                               f"proposal {params}; the sweep cannot be resumed, start a new one")
-            log.info("%s (%d/%s): done before (%s)", name, len(records) + 1, count or "grid", rec.state)
-        else:
-            resume = (trial_dir / "checkpoints" / "last.ckpt").exists() and not (trial_dir / "metrics.json").exists()
-            if trial_dir.exists() and not resume:
-                import shutil
+# ----------------------------------------------------------------------------- offline: the study
+def _study_summary(name: str, sweep_cfg: dict, seed: int, where: str) -> dict[str, Any]:
+    """What ``sweep.yaml`` records of the study: storage, sampler, pruner, distributions."""
+    space = sweep_space.search_space(sweep_cfg["parameters"], where)
+    sampler = sweep_space.make_sampler(sweep_cfg["method"], space, seed, 0, where)
+    et = sweep_cfg.get("early_terminate")
+    sweep_space.make_pruner(et, where)
+    pruner = "NopPruner" if et is None else (f"SuccessiveHalvingPruner(min_resource={et['min_iter']}, "
+                                             f"reduction_factor={et.get('eta', 3)})")
+    return {"storage": STUDY_FILE, "study_name": name, "sampler": type(sampler).__name__.lstrip("_"),
+            "pruner": pruner, "search_space": {k: repr(d) for k, d in space.distributions.items()}}
 
-                shutil.rmtree(trial_dir)  # started but no epoch finished: start it again
-            log.info("%s (%d/%s): %s%s", name, len(records) + 1, count or "grid", params,
-                     " (resuming its interrupted fit)" if resume else "")
-            try:
-                rec = _guarded_trial(sweep_cfg, params, name, sweep_dir, overrides,
-                                     list(runs) if hyperband else None, resume=resume)
-            finally:
-                _finish_wandb_run()
-        records.append(rec)
-        runs.append(to_sweep_run(rec, metric))
+
+def open_study(sweep_dir: Path, resolved: dict) -> optuna.Study:
+    """The sweep's Optuna study in ``<sweep_dir>/study.journal`` (created when missing)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged by the agent
+    where = f"sweep {sweep_dir / 'sweep.yaml'}"
+    space = sweep_space.search_space(resolved["parameters"], where)
+    storage = JournalStorage(JournalFileBackend(str(sweep_dir / STUDY_FILE)))
+    return optuna.create_study(
+        storage=storage, study_name=resolved.get("optuna", {}).get("study_name", sweep_dir.parent.name),
+        direction=resolved["metric"]["goal"], load_if_exists=True,
+        sampler=sweep_space.make_sampler(resolved["method"], space, int(resolved["seed"]), 0, where),
+        pruner=sweep_space.make_pruner(resolved.get("early_terminate"), where))
+
+
+def _requeue_interrupted(study: optuna.Study, sweep_dir: Path) -> None:
+    """Queue a re-run (same parameters and name) of every trial that was stopped by an
+    interrupt or left running by a process that died; refuse while one of this host's
+    workers still runs a trial."""
+    latest: dict[str, optuna.trial.FrozenTrial] = {}
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False):
+        name = t.user_attrs.get("name")
+        if name is None:
+            continue
+        latest[name] = t
+        if t.state == TrialState.RUNNING:
+            w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+            if w_host == host and pid.isdigit() and _alive(int(pid)):
+                raise WSIError(f"--resume {sweep_dir}: process {pid} still runs {name}; wait for it or "
+                               "stop it, or add workers with --join")
+            if w_host != host:
+                log.warning("%s was left running by %s; --resume assumes that worker stopped", name,
+                            t.user_attrs.get("worker"))
+            study.tell(t.number, state=TrialState.FAIL)
+            latest[name] = study.get_trials(deepcopy=False)[t.number]
+    for name, t in latest.items():
+        interrupted = t.state == TrialState.FAIL and "record" not in t.user_attrs and "error" not in t.user_attrs
+        if interrupted:
+            log.info("%s was interrupted: queued to run again with %s", name, t.params)
+            study.enqueue_trial(t.params, user_attrs={"name": name})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _total(resolved: dict, space: sweep_space.SearchSpace, count: int | None) -> int | None:
+    if resolved["method"] != "grid":
+        return count
+    size = space.grid_size("sweep")
+    return size if count is None else min(count, size)
+
+
+def _next_trial(study: optuna.Study, sweep_dir: Path, resolved: dict, space: sweep_space.SearchSpace,
+                total: int | None) -> optuna.trial.Trial | None:
+    """Take the next trial (a queued re-run first), its proposal and its name under the sweep's
+    lock; None once ``total`` trials are taken."""
+    lock = JournalFileOpenLock(str(sweep_dir / ASK_LOCK))
+    lock.acquire()
+    try:
+        trials = study.get_trials(deepcopy=False)
+        names = {t.user_attrs["name"] for t in trials if "name" in t.user_attrs}
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and total is not None and len(names) >= total:
+            return None
+        slot = len(names)
+        study.sampler = sweep_space.make_sampler(resolved["method"], space, int(resolved["seed"]), slot)
+        trial = study.ask(space.distributions)
+        trial.set_user_attr("name", trial.user_attrs.get("name", f"trial_{slot:03d}"))
+        trial.set_user_attr("worker", WORKER)
+        return trial
+    finally:
+        lock.release()
+
+
+def _run_one(study: optuna.Study, trial: optuna.trial.Trial, resolved: dict,
+             space: sweep_space.SearchSpace, sweep_dir: Path, overrides: list[str]) -> TrialRecord:
+    """Run a trial the study gave and tell the study its outcome."""
+    name, params = trial.user_attrs["name"], space.decode(trial.params)
+    trial_dir = sweep_dir / name
+    done = trial_dir / TRIAL_FILE
+    rec = _read_record(done) if done.exists() else None
+    if rec is not None and rec.params == params:  # finished before the study heard of it
+        log.info("%s: done before (%s)", name, rec.state)
+    else:
+        resume = (trial_dir / "checkpoints" / "last.ckpt").exists() and not (trial_dir / "metrics.json").exists()
+        if trial_dir.exists() and not resume:
+            shutil.rmtree(trial_dir)  # started but no epoch finished: start it again
+        log.info("%s (%s): %s%s", name, WORKER, params, " (resuming its interrupted fit)" if resume else "")
+        try:
+            rec = _guarded_trial(resolved, params, name, sweep_dir, overrides, trial, resume=resume)
+        except BaseException as e:  # config error or interrupt: the study records why it stopped
+            _tell_stopped(study, trial, e)
+            raise
+        finally:
+            _finish_wandb_run()
+    trial.set_user_attr("record", _record_json(rec))
+    state = {"finished": TrialState.COMPLETE, "early_terminated": TrialState.PRUNED}.get(rec.state, TrialState.FAIL)
+    study.tell(trial, rec.metric if state == TrialState.COMPLETE else None, state=state)
+    return rec
+
+
+def _tell_stopped(study: optuna.Study, trial: optuna.trial.Trial, e: BaseException) -> None:
+    """FAIL, with ``error`` (a config error: not re-run) or ``interrupted`` (``--resume`` re-runs it)."""
+    try:
+        trial.set_user_attr("error" if isinstance(e, Exception) else "interrupted", repr(e)[:500])
+        study.tell(trial, state=TrialState.FAIL)
+    except Exception as tell_err:  # the original error matters more
+        log.warning("could not record %s in the study: %s", trial.user_attrs.get("name"), tell_err)
+
+
+def work(sweep_dir: Path, overrides: list[str] | None = None, count: int | None = None) -> None:
+    """One offline worker: take a trial from the sweep's study, run it, record it, rewrite
+    ``trials.csv``; until the sweep's total is taken.
+
+    Args:
+        sweep_dir: the sweep folder (``sweep.yaml`` + ``study.journal``).
+        overrides: execution settings for this worker's trials (threads, device).
+        count: the sweep's total number of trials (default: ``sweep.yaml``'s ``count``).
+    """
+    resolved = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    space = sweep_space.search_space(resolved["parameters"], f"sweep {sweep_dir / 'sweep.yaml'}")
+    study = open_study(sweep_dir, resolved)
+    total = _total(resolved, space, count if count is not None else resolved.get("count"))
+    failures = 0
+    while (trial := _next_trial(study, sweep_dir, resolved, space, total)) is not None:
+        rec = _run_one(study, trial, resolved, space, sweep_dir, list(overrides or []))
+        write_trials_csv(rank(study_records(study, sweep_dir, space), resolved["metric"]["goal"]),
+                         resolved["metric"], sweep_dir)
         failures = failures + 1 if rec.state == "failed" else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
-            summarize(records, sweep_cfg["metric"], sweep_dir)
             raise WSIError(f"{failures} trials in a row failed (last: {rec.error}); see the log "
                            f"above and {sweep_dir}")
-    return records
+    log.info("%s: all %s trials of the sweep are taken", WORKER, total if total is not None else "grid")
+
+
+def _run_offline(sweep_dir: Path, resolved: dict, overrides: list[str], count: int | None,
+                 workers: int) -> list[TrialRecord]:
+    """``workers`` workers on the sweep's study (this process when 1), then the ranked trials."""
+    if workers == 1:
+        work(sweep_dir, overrides, count)
+    else:
+        _spawn_workers(sweep_dir, resolved, overrides, count, workers)
+    study = open_study(sweep_dir, resolved)
+    space = sweep_space.search_space(resolved["parameters"], "sweep")
+    return summarize(study_records(study, sweep_dir, space), resolved["metric"], sweep_dir)
+
+
+def _spawn_workers(sweep_dir: Path, resolved: dict, overrides: list[str], count: int | None,
+                   workers: int) -> None:
+    """``workers`` spawned processes, each with ``trainer.num_threads`` = the CPU cores /
+    ``workers`` (unless set), no progress bar and, on a machine with GPUs, a GPU of its own
+    (worker i: GPU i mod the GPUs). The data trials read is prepared once, before they start."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    space = sweep_space.search_space(resolved["parameters"], "sweep")
+    cfg = config.load(resolved["experiment"], [*resolved["overrides"], *overrides,
+                                               *param_overrides(space.example())])
+    threads = int(cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // workers))
+    shared = [*overrides, f"trainer.num_threads={threads}", "trainer.enable_progress_bar=false",
+              f"data.num_workers={min(int(cfg.data.num_workers), threads)}"]
+    gpus = torch.cuda.device_count() if str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") else 0
+    build.prepare_shared_data([cfg])
+    log.info("sweep %s: %d workers (%d threads each%s)", sweep_dir, workers, threads,
+             f", GPUs {list(range(min(workers, gpus)))}" if gpus else "")
+    level = logging.getLogger("wsi_lightning").getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker_main, str(sweep_dir), [*shared, *([f"trainer.devices=[{i % gpus}]"]
+                               if gpus else [])], count, level, i) for i in range(workers)]
+        for f in futures:
+            f.result()
+
+
+def _worker_main(sweep_dir: str, overrides: list[str], count: int | None, level: int, index: int) -> None:
+    """A spawned worker's entry point: its own log lines, then :func:`work`."""
+    logging.basicConfig(level=level, format=f"%(asctime)s [worker {index}] %(message)s", datefmt="%X")
+    work(Path(sweep_dir), overrides, count)
+
+
+def study_records(study: optuna.Study, sweep_dir: Path,
+                  space: sweep_space.SearchSpace | None = None) -> list[TrialRecord]:
+    """The sweep's trials as recorded in the study: one per name (its latest attempt), in
+    name order; a trial still running (or queued, or interrupted) has no value."""
+    latest: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        if "name" in t.user_attrs:
+            latest[t.user_attrs["name"]] = t
+    out = []
+    for name in sorted(latest):
+        t = latest[name]
+        if "record" in t.user_attrs:
+            out.append(_record_from(t.user_attrs["record"]))
+            continue
+        state = {TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}.get(
+            t.state, "failed" if "error" in t.user_attrs else "interrupted")
+        started = t.datetime_start.isoformat(timespec="milliseconds") if t.datetime_start else None
+        params = space.decode(t.params) if space is not None else dict(t.params)
+        out.append(TrialRecord(name, params, None, sweep_dir / name, state,
+                               error=t.user_attrs.get("error") or t.user_attrs.get("interrupted"),
+                               started=started, worker=t.user_attrs.get("worker")))
+    return out
 
 
 def _run_online(sweep_cfg: dict, count: int | None, sweep_dir: Path, overrides: list[str],
@@ -581,18 +783,28 @@ def rank(records: list[TrialRecord], goal: str) -> list[TrialRecord]:
     return sorted(records, key=lambda r: (r.metric is None, sign * (r.metric or 0.0)))
 
 
+def write_trials_csv(ranked: list[TrialRecord], metric: dict, sweep_dir: Path) -> Path:
+    """``trials.csv``: the ranked trials with their parameters, test metrics, start and end
+    times and worker (written to a temporary file, then renamed: readers never see half)."""
+    params = sorted({k for r in ranked for k in r.params})
+    tests = sorted({k for r in ranked for k in r.metrics} - {metric["name"]})
+    path, tmp = sweep_dir / "trials.csv", sweep_dir / f".trials.csv.{os.getpid()}.tmp"
+    with tmp.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["rank", "trial", "state", metric["name"], *params, *tests, "started", "ended",
+                      "worker", "run_dir"])
+        for i, r in enumerate(ranked, 1):
+            out.writerow([i, r.name, r.state, r.metric, *(r.params.get(k) for k in params),
+                          *(r.metrics.get(k) for k in tests), r.started, r.ended, r.worker, r.run_dir])
+    tmp.replace(path)
+    return path
+
+
 def summarize(records: list[TrialRecord], metric: dict, sweep_dir: Path) -> list[TrialRecord]:
     """Rank the trials, write ``trials.csv`` into the sweep folder and print a table."""
     ranked = rank(records, metric["goal"])
-    params = sorted({k for r in records for k in r.params})
-    tests = sorted({k for r in records for k in r.metrics} - {metric["name"]})
-    with (sweep_dir / "trials.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["rank", "trial", "state", metric["name"], *params, *tests, "run_dir"])
-        for i, r in enumerate(ranked, 1):
-            out.writerow([i, r.name, r.state, r.metric, *(r.params.get(k) for k in params),
-                          *(r.metrics.get(k) for k in tests), r.run_dir])
-    _print_table(ranked, metric, params, sweep_dir)
+    write_trials_csv(ranked, metric, sweep_dir)
+    _print_table(ranked, metric, sorted({k for r in records for k in r.params}), sweep_dir)
     return ranked
 
 
