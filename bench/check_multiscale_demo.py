@@ -12,8 +12,9 @@ are drawn from four groups on every slide:
 tiles need >= 97% tissue in their 4x window (so that no group sees more glass than another).
 
 For each tile, concentric windows of 1x, 2x and 4x its size, all resized to 112 px (0.5, 1.0,
-2.0 µm/px; 56, 112, 224 µm), go through ``demo_cnn`` (random CNN, 128-d). A logistic regression
-(standardised features, C chosen by an inner slide-grouped CV) separates lesion tiles from the
+2.0 µm/px; 56, 112, 224 µm), go through a demo encoder (``--backbone``: default ``demo_cnn``,
+the random CNN of ``make exp EXP=cs_mil``, 128-d). A logistic regression (standardised
+features, C chosen by an inner slide-grouped CV) separates lesion tiles from the
 rest, scored out-of-fold with slide-grouped K-fold (tumour and normal slides spread evenly),
 per feature set: each scale alone, 0.5 + 2.0 µm/px, all three. Reported AUCs:
 
@@ -175,7 +176,7 @@ def tile_groups(
 
 @torch.no_grad()
 def scale_features(reader: SlideReader, centres: list[tuple], backbone) -> np.ndarray:
-    """demo_cnn features of the concentric windows. Returns (n, len(SCALES), D) float32."""
+    """The backbone's features of the concentric windows. Returns (n, len(SCALES), D) float32."""
     out = []
     for f in SCALES:
         crops = []
@@ -249,6 +250,7 @@ def main() -> int:
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default=str(Path(__file__).parent / ".cache" / "multiscale_check"))
+    p.add_argument("--backbone", default="demo_cnn", help="demo encoder: demo_cnn | demo_filters")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -260,7 +262,7 @@ def main() -> int:
         data, n_slides=args.n_slides, seed=args.seed, workers=args.workers, task="multiscale"
     )
     log.info("data ready in %.1f s", time.perf_counter() - start)
-    backbone = build_backbone("demo_cnn").eval()
+    backbone = build_backbone(args.backbone).eval()
     rng = np.random.default_rng(args.seed)
     feats, groups, slides, labels, areas = [], [], [], [], []
     with open(manifest, newline="") as fh:
