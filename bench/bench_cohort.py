@@ -312,6 +312,7 @@ def run(out_dir: Path, quick: bool = False, cohort_dir: Path | None = None, n_sl
                                       "model_steps": model_steps}.items() if v is not None})
     root = Path(cohort_dir) if cohort_dir else Path(out_dir) / f"cohort_{cfg['n_slides']}"
     generation = ensure_cohort(root, cfg)
+    load_start = os.getloadavg()[0]  # other work on the machine shares its cores
     torch.set_num_threads(1)  # the model gets one core, the DataLoader workers the rest
     manifest = load_manifest(root / "manifest.csv", check_files=False)
     steps = _steps(run_cfg["step_ms"], cfg["dim"])
@@ -342,6 +343,7 @@ def run(out_dir: Path, quick: bool = False, cohort_dir: Path | None = None, n_sl
         "config": {**run_cfg, "workers": list(run_cfg["workers"]), "kinds": list(KINDS),
                    "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                    "mem_available_gb": _mem_available_gb(),
+                   "load_avg_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
                    "model": "abmil (embed 256, attn 128, not gated, dropout 0.25), Adam lr 2e-4, CPU"},
     }
 
