@@ -7,7 +7,8 @@ whole-bag ``.pt`` files, and reused.
 
 Both loaders go through the real training path: a ``BagDataModule`` over the cohort (every slide
 in ``train``), its training ``DataLoader`` (shuffling ``(index, epoch)`` sampler,
-``collate_bags``, persistent workers); the ``.pt`` loader differs only in what the dataset reads
+``collate_bags``, persistent workers; ``data.standardize``'s default, true: each bag z-scored as it
+is read, the statistics fitted once); the ``.pt`` loader differs only in what the dataset reads
 a slide with (``torch.load(weights_only=True)`` of the slide's file instead of
 ``FeatureStore.read``). For each worker count and each step kind, a fresh DataModule per loader
 (loaders alternating), its workers started on one batch, then two passes in the same bag order
@@ -36,7 +37,7 @@ workers (target 0.9, as ``bench_sampling``). ``per_bag_ms`` splits a bag's cost 
 (store read, ``.pt`` read, each cold and warm, and ``collate_bags``) on the first 200 slides.
 
 Run: ``python -m bench.bench_cohort [--quick] [--cohort-dir DIR] [--slides N] [--workers 0 2]
-[--step-ms 5] [--model-steps 200] [--save FILE]`` or ``make bench ARGS="--only cohort"``.
+[--step-ms 5] [--model-steps 200] [--no-standardize] [--save FILE]`` or ``make bench ARGS="--only cohort"``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.cohort import COHORT, QUICK_COHORT, bag_sizes, cohort_bytes, ensure_cohort, slide_ids
-from wsi_lightning.data.bags import BagDataModule
+from wsi_lightning.data.bags import BagDataModule, FeatureScaler
 from wsi_lightning.data.batch import Bag, collate_bags
 from wsi_lightning.features.store import FeatureStore
 from wsi_lightning.manifest import Manifest, load_manifest
@@ -67,7 +68,9 @@ from wsi_lightning.manifest import Manifest, load_manifest
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-RUN = {"workers": (0, 2), "step_ms": 5.0, "model_steps": 200, "batch_size": 1, "seed": 0, "split_slides": 200}
+# standardize: data.standardize's default in experiments/_base.yaml (each bag z-scored as it is read)
+RUN = {"workers": (0, 2), "step_ms": 5.0, "model_steps": 200, "batch_size": 1, "seed": 0, "split_slides": 200,
+       "standardize": True}
 QUICK_RUN = {**RUN, "model_steps": 12}
 KINDS = ("data", "sim", "model")
 
@@ -197,10 +200,12 @@ def _pass(loader, step: Callable[[Bag], None], limit: int, seed: int, dim: int) 
 
 
 def _group(manifest: Manifest, root: Path, loader_name: str, workers: int, kind: str,
-           step: Callable[[Bag], None], limit: int, run_cfg: dict, dim: int) -> list[dict]:
+           step: Callable[[Bag], None], limit: int, run_cfg: dict, dim: int,
+           scaler: FeatureScaler | None) -> list[dict]:
     """A fresh DataModule + DataLoader for one loader: start its workers, then a cold and a warm pass."""
     dm = BagDataModule(manifest, root / "store", split={"val": 0.0, "test": 0.0},  # every slide in train
-                       batch_size=run_cfg["batch_size"], num_workers=workers)
+                       batch_size=run_cfg["batch_size"], num_workers=workers, standardize=scaler is not None)
+    dm.scaler = scaler  # fitted once in run() (as restored from a checkpoint), not again per DataModule
     dm.setup("fit")
     files = _files(root / "store")
     if loader_name == "pt":
@@ -226,19 +231,21 @@ def _group(manifest: Manifest, root: Path, loader_name: str, workers: int, kind:
     return rows
 
 
-def _split(root: Path, ids: list[str]) -> dict[str, float]:
+def _split(root: Path, ids: list[str], scaler: FeatureScaler | None) -> dict[str, float]:
     """Mean ms per bag of each part of a read, in this process, bag by bag alternating loaders.
 
     ``cold``: every file of the bags dropped, a fresh store (metadata parsed, features checked
     finite); ``cold_chunks``: only the two chunk files dropped, the ``zarr.json`` files cached
     (as right after ``setup()``, which reads each slide's group metadata), a fresh store;
-    ``warm``: the same store again (its caches kept, as in a second epoch); ``collate``:
-    ``collate_bags`` of one bag (float16 -> float32 into the padded batch).
+    ``warm``: the same store again (its caches kept, as in a second epoch); ``standardize``:
+    the ``FeatureScaler`` (float16 -> float32 z-scores; 0 without one); ``collate``:
+    ``collate_bags`` of one bag (into the padded float32 batch).
     """
     pt = PtBags(root / "pt_files")
     store_files = [f for sid in ids for f in _files(root / "store" / f"{sid}.zarr")]
     chunks = [f for f in store_files if f.endswith(_DATA)]
-    total = dict.fromkeys(("store_cold", "pt_cold", "store_cold_chunks", "store_warm", "pt_warm", "collate"), 0.0)
+    total = dict.fromkeys(("store_cold", "pt_cold", "store_cold_chunks", "store_warm", "pt_warm", "standardize",
+                           "collate"), 0.0)
 
     def timed(key: str, fn: Callable[[], object]) -> object:
         t0 = time.perf_counter()
@@ -256,6 +263,8 @@ def _split(root: Path, ids: list[str]) -> dict[str, float]:
     for sid in ids:
         feats, coords = timed("store_warm", lambda sid=sid: store.read(sid))
         timed("pt_warm", lambda sid=sid: pt.read(sid))
+        if scaler is not None:
+            feats = timed("standardize", lambda feats=feats: scaler(feats))
         item = {"features": torch.from_numpy(feats), "coords": torch.from_numpy(coords), "slide_id": sid,
                 "labels": {"label": 0}}
         timed("collate", lambda item=item: collate_bags([item]))
@@ -291,7 +300,7 @@ def _table(rows: list[dict], title: str) -> Table:
 
 def run(out_dir: Path, quick: bool = False, cohort_dir: Path | None = None, n_slides: int | None = None,
         workers: Sequence[int] | None = None, step_ms: float | None = None,
-        model_steps: int | None = None) -> dict:
+        model_steps: int | None = None, standardize: bool | None = None) -> dict:
     """Measure both loaders over the cohort. Returns the benchmark record (module docstring).
 
     Args:
@@ -302,6 +311,7 @@ def run(out_dir: Path, quick: bool = False, cohort_dir: Path | None = None, n_sl
         workers: DataLoader worker counts (default 0 and 2).
         step_ms: the simulated GPU step (default 5 ms).
         model_steps: batches of each ``model`` pass.
+        standardize: z-score the bags as read (default true, as ``data.standardize``).
 
     The record also holds ``per_bag_ms`` (:func:`_split`, on the first ``split_slides`` slides).
     """
@@ -309,20 +319,23 @@ def run(out_dir: Path, quick: bool = False, cohort_dir: Path | None = None, n_sl
     run_cfg = dict(QUICK_RUN if quick else RUN)
     cfg["n_slides"] = int(n_slides or cfg["n_slides"])
     run_cfg.update({k: v for k, v in {"workers": tuple(workers) if workers else None, "step_ms": step_ms,
-                                      "model_steps": model_steps}.items() if v is not None})
+                                      "model_steps": model_steps, "standardize": standardize}.items()
+                    if v is not None})
     root = Path(cohort_dir) if cohort_dir else Path(out_dir) / f"cohort_{cfg['n_slides']}"
     generation = ensure_cohort(root, cfg)
     load_start = os.getloadavg()[0]  # other work on the machine shares its cores
     torch.set_num_threads(1)  # the model gets one core, the DataLoader workers the rest
     manifest = load_manifest(root / "manifest.csv", check_files=False)
     steps = _steps(run_cfg["step_ms"], cfg["dim"])
+    ids = slide_ids(cfg)
+    scaler = FeatureScaler.fit(FeatureStore(root / "store"), ids) if run_cfg["standardize"] else None
     rows: list[dict] = []
     for w in run_cfg["workers"]:
         for k, kind in enumerate(KINDS):
             limit = run_cfg["model_steps"] if kind == "model" else cfg["n_slides"]
             for name in ("store", "pt") if k % 2 == 0 else ("pt", "store"):  # alternate who goes first
-                rows += _group(manifest, root, name, w, kind, steps[kind], limit, run_cfg, cfg["dim"])
-    split = _split(root, slide_ids(cfg)[: run_cfg["split_slides"]])
+                rows += _group(manifest, root, name, w, kind, steps[kind], limit, run_cfg, cfg["dim"], scaler)
+    split = _split(root, ids[: run_cfg["split_slides"]], scaler)
     drop_cache(_files(root))
     console = Console(width=max(Console().width, 110))  # 11 columns: wider than a pipe's 80
     console.print(_table(rows, f"cohort: {cfg['n_slides']} slides, {cohort_bytes(cfg) / 1e9:.1f} GB per format"))
@@ -356,13 +369,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default 0 2)")
     p.add_argument("--step-ms", type=float, default=None, help="simulated GPU step (default 5)")
     p.add_argument("--model-steps", type=int, default=None, help="batches per model pass (default 200)")
+    p.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
+                   help="bags as stored, not z-scored (data.standardize=false)")
     p.add_argument("--save", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--cache", type=Path, default=HERE / ".cache" / "cohort",
                    help="cache folder when no --cohort-dir (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run(args.cache, quick=args.quick, cohort_dir=args.cohort_dir, n_slides=args.slides,
-                 workers=args.workers, step_ms=args.step_ms, model_steps=args.model_steps)
+                 workers=args.workers, step_ms=args.step_ms, model_steps=args.model_steps,
+                 standardize=args.standardize)
     if args.save is not None:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(result, indent=2))
