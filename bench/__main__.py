@@ -5,7 +5,7 @@ Each benchmark measures its ratio side by side in one run. A benchmark that fail
 is then 1. The JSON record (``<results>/bench-<time>.json``, copied to ``latest.json``) is
 rewritten after every benchmark, so the figures measured before a crash are kept. Usage:
 
-    python -m bench [--quick] [--only tiles,bags,extract,sampling,hag_mil,formats,gigapixel]
+    python -m bench [--quick] [--only tiles,bags,extract,sampling,hag_mil,formats,gigapixel,cohort]
                     [--cache DIR] [--results DIR]
 """
 
@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {"tiles": "bench.bench_tiles", "bags": "bench.bench_bags", "extract": "bench.bench_extract",
            "sampling": "bench.bench_sampling", "hag_mil": "bench.bench_hag_mil",
            "formats": "bench.bench_formats",
-           "gigapixel": "bench.bench_gigapixel"}
+           "gigapixel": "bench.bench_gigapixel", "cohort": "bench.bench_cohort"}
 
 
 def _table(results: list[dict], failed: list[dict], title: str) -> Table:

@@ -3,12 +3,13 @@
 The whole ``python -m bench --quick`` (what ``make bench ARGS=--quick`` runs) takes ~8 min on a
 2-core CPU, so it is marked slow (``make test-all``); the fast tests check the entry point with
 stand-in benchmarks, and the slide-sampling (where ``make bench`` once crashed on the batch type)
-and gigapixel benchmarks on tiny slides.
+and gigapixel benchmarks on tiny slides, and the cohort benchmark on a tiny cohort.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as bench_main
-from bench import bench_gigapixel, bench_sampling
+from bench import bench_cohort, bench_gigapixel, bench_sampling, cohort
 from tests.conftest import REPO
+from wsi_lightning.features.store import FeatureStore
 
 
 def fake_run(key: str, cache: Path, quick: bool) -> dict:
@@ -69,6 +71,44 @@ def test_gigapixel_bench_on_tiny_slides(tmp_path, monkeypatch):
     assert res["generation"]["large"]["peak_rss_mb"] > 0
 
 
+def test_cohort_bench_on_a_tiny_cohort(tmp_path, monkeypatch):
+    """Both loaders through the real BagDataModule, cold and warm, each step kind, on 12 small bags."""
+    monkeypatch.setattr(bench_cohort, "QUICK_COHORT", {**cohort.QUICK_COHORT, "n_slides": 12, "median": 60,
+                                                       "n_min": 20, "n_max": 200, "dim": 32})
+    res = bench_cohort.run(tmp_path, quick=True, workers=(0, 1), model_steps=3)
+    passes = res["passes"]
+    assert len(passes) == 2 * 2 * 3 * 2  # loaders x worker counts x step kinds x (cold, warm)
+    assert {p["bags"] for p in passes if p["kind"] != "model"} == {12}
+    assert {p["bags"] for p in passes if p["kind"] == "model"} == {3}
+    assert all(p["resident"] == 1.0 for p in passes if p["cache"] == "warm" and p["kind"] != "model")
+    assert all(0 < p["data_wait_fraction"] <= 1 and p["instances_per_s"] > 0 for p in passes)
+    assert set(res["ratios"]) == {"store_vs_pt_cold_w0", "store_vs_pt_warm_w0", "store_vs_pt_cold_w1",
+                                  "store_vs_pt_warm_w1", "fed_at_5ms_cold_w1", "fed_at_5ms_warm_w1"}
+    assert res["cohort"]["generation"]["written"] == 12
+    assert bench_cohort.run(tmp_path, quick=True, workers=(0,), model_steps=1)["cohort"]["generation"]["written"] == 0
+
+
+def test_cohort_generation_resumes_and_refuses_another_config(tmp_path):
+    """An interrupted generation writes only what is missing, the same values; another config is refused."""
+    cfg = {**cohort.QUICK_COHORT, "n_slides": 5, "median": 30, "n_min": 10, "n_max": 80, "dim": 8}
+    assert cohort.ensure_cohort(tmp_path, cfg)["written"] == 5
+    pt = tmp_path / "pt_files"
+    kept, lost = pt / "slide_00000.pt", bench_cohort.PtBags(pt).read("slide_00003")
+    mtime = kept.stat().st_mtime_ns
+    (pt / "slide_00001.pt").unlink()  # interrupted: a .pt missing, a store entry missing, a dead writer's temp
+    shutil.rmtree(tmp_path / "store" / "slide_00003.zarr")
+    (pt / ".slide_00002.999999999.tmp").write_bytes(b"partial")
+    stamp = json.loads((tmp_path / "cohort.json").read_text())
+    (tmp_path / "cohort.json").write_text(json.dumps({**stamp, "complete": False}))
+    assert cohort.ensure_cohort(tmp_path, cfg)["written"] == 2
+    assert kept.stat().st_mtime_ns == mtime and not list(pt.glob(".*.tmp"))
+    feats, coords = FeatureStore(tmp_path / "store").read("slide_00003")
+    assert (feats == lost[0]).all() and (coords == lost[1]).all()
+    assert cohort.ensure_cohort(tmp_path, cfg)["written"] == 0
+    with pytest.raises(FileExistsError, match="another --cohort-dir"):
+        cohort.ensure_cohort(tmp_path, {**cfg, "n_slides": 6})
+
+
 @pytest.mark.slow
 def test_make_bench_quick(tmp_path):
     """``make bench ARGS=--quick`` end to end, its data and results under tmp_path (~8 min)."""
@@ -80,7 +120,7 @@ def test_make_bench_quick(tmp_path):
     assert not record["failed"] and record["meta"]["quick"]
     assert [r["name"] for r in record["results"]] == ["tile_reading", "bag_loading", "extraction",
                                                       "slide_sampling", "hag_mil_cascade", "dicom_tile_reading",
-                                                      "gigapixel"]
+                                                      "gigapixel", "cohort_throughput"]
     assert all(r["ratios"] for r in record["results"])
 
 
