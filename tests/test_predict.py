@@ -144,21 +144,28 @@ def test_predict_refuses_model_overrides_and_bad_folders(abmil_run, tmp_path: Pa
     assert not (tmp_path / "p").exists()  # refused before anything ran
 
 
-def test_new_slides_are_extracted_into_the_runs_store_and_failures_skipped(tmp_path: Path):
-    """Slides from demo files: the fit extracts its own; predict extracts new ones (one of
-    them missing: left out with --skip-errors and counted)."""
+def _demo_fit_and_new_slides(tmp_path: Path, n_train: int, n_new: int):
+    """A 1-epoch ABMIL fit on `n_train` demo slides (store ``tmp_path/store``) and a label-free
+    manifest frame of `n_new` other demo slides (ids ``new_*``, absolute paths)."""
     from wsi_lightning.demo.dataset import make_demo_dataset
 
-    train = make_demo_dataset(tmp_path / "train", n_slides=7, seed=3, workers=1, size_um=768.0)
-    store = tmp_path / "store"
+    train = make_demo_dataset(tmp_path / "train", n_slides=n_train, seed=3, workers=1, size_um=768.0)
     over = feature_cfg_overrides(train, tmp_path / "runs", **{
-        "data.store": store, "tiling.tile_size": 64, "tiling.mpp": 1.0, "features.backbone": "demo_cnn",
+        "data.store": tmp_path / "store", "tiling.tile_size": 64, "tiling.mpp": 1.0, "features.backbone": "demo_cnn",
         "features.pretrained": "false", "trainer.max_epochs": 1})
     res = run.fit(config.load("abmil", over))
-    new = make_demo_dataset(tmp_path / "new", n_slides=3, seed=11, workers=1, size_um=768.0)
+    new = make_demo_dataset(tmp_path / "new", n_slides=n_new, seed=11, workers=1, size_um=768.0)
     df = pd.read_csv(new, dtype=str).drop(columns=["label"])
     df["slide_id"] = ["new_" + s for s in df["slide_id"]]
     df["path"] = [str((new.parent / p).resolve()) for p in df["path"]]
+    return res, df
+
+
+def test_new_slides_are_extracted_into_the_runs_store_and_failures_skipped(tmp_path: Path):
+    """Slides from demo files: the fit extracts its own; predict extracts new ones (one of
+    them missing: left out with --skip-errors and counted)."""
+    store = tmp_path / "store"
+    res, df = _demo_fit_and_new_slides(tmp_path, n_train=7, n_new=3)
     df.loc[2, "path"] = str(tmp_path / "gone.tiff")
     df.to_csv(tmp_path / "new.csv", index=False)
     for k in range(2):  # shards first: each extracts its own new slides and reports its own failures
@@ -263,17 +270,8 @@ def test_two_shard_processes_at_once_into_one_folder(tmp_path: Path):
     import sys
 
     from tests.conftest import REPO
-    from wsi_lightning.demo.dataset import make_demo_dataset
 
-    train = make_demo_dataset(tmp_path / "train", n_slides=6, seed=3, workers=1, size_um=768.0)
-    over = feature_cfg_overrides(train, tmp_path / "runs", **{
-        "data.store": tmp_path / "store", "tiling.tile_size": 64, "tiling.mpp": 1.0, "features.backbone": "demo_cnn",
-        "features.pretrained": "false", "trainer.max_epochs": 1})
-    res = run.fit(config.load("abmil", over))
-    new = make_demo_dataset(tmp_path / "new", n_slides=6, seed=11, workers=1, size_um=768.0)
-    df = pd.read_csv(new, dtype=str).drop(columns=["label"])
-    df["slide_id"] = ["new_" + s for s in df["slide_id"]]
-    df["path"] = [str((new.parent / p).resolve()) for p in df["path"]]
+    res, df = _demo_fit_and_new_slides(tmp_path, n_train=6, n_new=6)
     df.to_csv(tmp_path / "new.csv", index=False)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "wsi_lightning", "predict", str(res.run_dir),
