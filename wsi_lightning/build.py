@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter as CSVExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -304,6 +305,11 @@ def method_kwargs(cfg: DictConfig) -> tuple[type, dict[str, Any]]:
     if missing:
         raise ConfigError(f"method '{name}' needs config key(s) {['method.' + k for k in missing]}")
     datamodule_class(cfg, cls.input_kind)  # the data config serves this method's input (config time)
+    weights = cfg.loss.get("class_weights")
+    if weights is not None and not getattr(cls, "class_weighted", False):
+        raise ConfigError(f"loss.class_weights={to_dict(weights)!r}: method '{name}' computes losses of its "
+                          "own that the weights would not reach (supported by the methods whose class "
+                          "sets class_weighted = True); set loss.class_weights=null")
     params = dict(inspect.signature(cls.__init__).parameters) if issubclass(cls, SlideEstimator) else _signature_params(cls)
     for k, v in m.items():
         check_value(f"method.{k}", v, _param_types(params.get(k), valid[k]))
@@ -361,11 +367,51 @@ def _top_level_union(ann: str) -> list[str]:
 
 def build_method(cfg: DictConfig, in_dim: int, num_classes: dict[str, int],
                  class_names: dict[str, list[str]] | None = None,
-                 predictions_dir: str | None = None) -> L.LightningModule:
+                 predictions_dir: str | None = None,
+                 train_labels: dict[str, np.ndarray] | None = None) -> L.LightningModule:
+    """The configured method; ``train_labels`` ({target: (S,) class indices of the training
+    slides}, -1 unknown) are what ``loss.class_weights=balanced`` is computed from."""
     cls, kwargs = method_kwargs(cfg)
+    weights = class_weights(cfg.loss.get("class_weights"), num_classes, train_labels)
+    if weights is not None:
+        kwargs["class_weights"] = weights
     return cls(in_dim=in_dim, num_classes=num_classes, class_names=class_names,
                optim=to_dict(cfg.optim), tag_weights=to_dict(cfg.loss.tag_weights),
                max_epochs=int(cfg.trainer.max_epochs), predictions_dir=predictions_dir, **kwargs)
+
+
+def class_weights(spec: Any, num_classes: dict[str, int],
+                  train_labels: dict[str, np.ndarray] | None) -> dict[str, list[float]] | None:
+    """``loss.class_weights`` as {target: [C weights]}: None, ``balanced`` (scikit-learn's rule,
+    n / (C * n_c) over the labelled training slides; a class without any gets 1) or explicit
+    lists, checked against the targets and their class counts."""
+    if spec is None:
+        return None
+    spec = to_dict(spec) if isinstance(spec, DictConfig) else spec
+    if spec == "balanced":
+        if train_labels is None:
+            raise ConfigError("loss.class_weights=balanced needs the training slides' labels")
+        out = {}
+        for t, c in num_classes.items():
+            y = np.asarray(train_labels[t])
+            y = y[y >= 0]
+            counts = np.bincount(y, minlength=c).astype(float)
+            w = np.where(counts > 0, len(y) / (c * np.maximum(counts, 1)), 1.0)
+            out[t] = [round(float(v), 6) for v in w]
+        return out
+    if not isinstance(spec, dict):
+        raise ConfigError(f"loss.class_weights={spec!r}; expected null, balanced or {{target: [weights]}}")
+    unknown = sorted(set(spec) - set(num_classes))
+    if unknown:
+        raise ConfigError(f"loss.class_weights: unknown target(s) {unknown}; targets: {list(num_classes)}")
+    out = {}
+    for t, w in spec.items():
+        if (not isinstance(w, list) or len(w) != num_classes[t]
+                or not all(isinstance(v, int | float) and v >= 0 for v in w)):
+            raise ConfigError(f"loss.class_weights.{t}={w!r}; expected {num_classes[t]} weights >= 0, "
+                              "one per class in data.classes order")
+        out[t] = [float(v) for v in w]
+    return out
 
 
 # ----------------------------------------------------------------------------- trainer

@@ -185,7 +185,8 @@ def _fit(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback] | Non
         # without this a run's initial weights would depend on whether its features were cached
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm.setup("fit")
-        model = build.build_method(cfg, dm.in_dim, dm.num_classes, dm.class_names, str(run_dir))
+        model = build.build_method(cfg, dm.in_dim, dm.num_classes, dm.class_names, str(run_dir),
+                                   train_labels=dm.train_labels())
         if build.global_rank() == 0:
             save_resolved(cfg, run_dir)
         os.environ[RUN_DIR_ENV] = str(run_dir)

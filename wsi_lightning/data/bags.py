@@ -304,6 +304,13 @@ class SplitDataModule(L.LightningDataModule):
     def class_names(self) -> dict[str, list[str]]:
         return self.manifest.classes
 
+    def train_labels(self) -> dict[str, np.ndarray]:
+        """{target: (S,) int64 class index of every training slide}, -1 where unknown (after
+        ``setup("fit")``; what ``loss.class_weights=balanced`` counts)."""
+        train = set(self.splits.get("train", []))
+        return {t: np.array([i for s, i in by_slide.items() if s in train], dtype=np.int64)
+                for t, by_slide in self.manifest.labels_by_slide().items()}
+
     def split(self) -> dict[str, list[str]]:
         """The patient-level split of ``data.split`` (see :func:`patient_split`)."""
         s = self.split_cfg

@@ -219,6 +219,8 @@ class MILModule(L.LightningModule):
         class_names: {target: ordered class names}, for prediction files.
         optim: optimiser settings (``optim:`` section of the config).
         tag_weights: {target: loss weight}; default 1 for every target.
+        class_weights: {target: [C class weights]} of the target cross-entropies
+            (``loss.class_weights``, computed by the build); None: unweighted.
         max_epochs: for the cosine schedule.
         predictions_dir: where ``{stage}_predictions.csv`` are written (rank 0).
         net_kwargs: the method's own arguments (``method:`` section minus ``name``).
@@ -229,6 +231,9 @@ class MILModule(L.LightningModule):
     input_kind: ClassVar[str] = "bag"  # the data it takes: bag | multiscale | quadtree | patches | slide
     find_unused_parameters: ClassVar[bool] = False  # a backward that skips parameters (DDP must know)
     auxiliary_outputs: ClassVar[bool] = False  # MILOutput.aux_logits: auxiliary classifiers (MagNets)
+    # every label cross-entropy goes through target_losses, so loss.class_weights reaches all of
+    # them (False where the net computes label losses of its own: the build then refuses the key)
+    class_weighted: ClassVar[bool] = True
     # and Lightning's own ``automatic_optimization`` (False: the method steps its optimisers)
 
     def __init__(
@@ -238,6 +243,7 @@ class MILModule(L.LightningModule):
         class_names: dict[str, list[str]] | None = None,
         optim: dict | None = None,
         tag_weights: dict[str, float] | None = None,
+        class_weights: dict[str, list[float]] | None = None,
         max_epochs: int = 1,
         predictions_dir: str | None = None,
         **net_kwargs: Any,
@@ -249,6 +255,7 @@ class MILModule(L.LightningModule):
         self.class_names = class_names or {t: [str(i) for i in range(c)] for t, c in num_classes.items()}
         self.optim_cfg = dict(optim or {"name": "adam", "lr": 2e-4, "weight_decay": 0.0})
         self.tag_weights = {t: float((tag_weights or {}).get(t, 1.0)) for t in self.targets}
+        self.class_weights = {t: torch.tensor(w, dtype=torch.float32) for t, w in (class_weights or {}).items()}
         # ModuleDict keys must not clash with nn.Module attributes ("train"): suffix them.
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": TaskMetrics(dict(num_classes)) for s in ("train", "val", "test")}
@@ -296,7 +303,9 @@ class MILModule(L.LightningModule):
         for t in self.targets:
             y = bag.labels[t]
             if bool((y >= 0).any()):
-                ce = F.cross_entropy(out.logits[t].float(), y, ignore_index=-1)
+                w = self.class_weights.get(t)
+                ce = F.cross_entropy(out.logits[t].float(), y, ignore_index=-1,
+                                     weight=None if w is None else w.to(y.device))
             else:
                 ce = out.logits[t].sum() * 0.0
             losses[f"loss_{t}" if len(self.targets) > 1 else "loss_task"] = self.tag_weights[t] * ce

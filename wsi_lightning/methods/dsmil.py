@@ -82,6 +82,7 @@ class DSMILNet(nn.Module):
 @METHODS.register("dsmil")
 class DSMIL(MILModule):
     Net = DSMILNet
+    class_weighted = False  # the max-instance CE is the net's own
 
     def target_losses(self, out: MILOutput, bag: Bag) -> dict[str, torch.Tensor]:
         losses = super().target_losses(out, bag)

@@ -206,6 +206,7 @@ class HAGMIL(MILModule):
 
     Net = HAGMILNet
     input_kind = "quadtree"
+    class_weighted = False  # each level's CE is the net's own
     find_unused_parameters = True  # each level's backward reaches one model (DDP must know)
     automatic_optimization = False  # one optimiser step per level per batch (training_step)
     def __init__(self, *args: Any, optimizers: str = "per_level", **kwargs: Any) -> None:

@@ -86,3 +86,4 @@ class TwoBranchesNet(nn.Module):
 @METHODS.register("two_branches")
 class TwoBranches(MILModule):
     Net = TwoBranchesNet
+    class_weighted = False  # the patch branch's CE is the net's own

@@ -256,4 +256,5 @@ class MagNet(MILModule):
 
     Net = MagNetNet
     input_kind = "slide"
+    class_weighted = False  # the auxiliary classifiers' CE (L2) is the net's own
     auxiliary_outputs = True  # the layer-l classifiers (L2), what paradoxical_loss compares
