@@ -134,6 +134,38 @@ def test_training_step_steps_each_level_with_its_own_optimiser(tmp_path: Path):
     assert "train/level0_bag" in trainer.logged_metrics and "val/loss" in trainer.logged_metrics
 
 
+class TwoBlockScorer(Scorer):
+    """Stand-in with two blocks: block 0 attends feature 0, block 1 (the last) feature 1."""
+
+    def forward(self, h, mask, labels=None):
+        self.seen.append(h.detach().clone())
+        maps = torch.stack([h[..., j].masked_fill(~mask, float("-inf")).softmax(-1) for j in (0, 1)], 1)
+        raw = h[..., 1].masked_fill(~mask, float("-inf"))
+        z = (maps[:, 1, :, None] * h).sum(1)
+        return IATOutput(self.w(z), raw, maps[:, 1], None, torch.zeros(h.shape[0], 4), maps)
+
+
+@pytest.mark.parametrize("select", ["last", "blocks"])
+def test_select_ranks_by_the_last_block_or_the_mean_of_blocks(select):
+    net = HAGMILNet(D, {"label": 2}, n_levels=2, t_patch=1, v_patch=1, select=select, **SMALL)
+    net.models = nn.ModuleList(TwoBlockScorer() for _ in range(2))
+    bag = quadtree_bag(D, b=1, n0=3, levels=2)
+    f = bag.levels[0].features[0]
+    f[:, 0] = torch.tensor([0.0, 6.0, 0.0])  # block 0 wants tile 1 (strongly)
+    f[:, 1] = torch.tensor([0.0, 0.0, 1.0])  # the last block wants tile 2 (weakly)
+    res = net.eval().cascade(bag, keep=1)
+    want = 2 if select == "last" else 1  # mean of softmaxes: tile 1 ~ (1 + 0.21) / 2 > tile 2
+    assert res[1]["index"][0].tolist() == [4 * want + i for i in range(4)]
+    maps = torch.stack([f[:, j].softmax(-1) for j in (0, 1)])
+    torch.testing.assert_close(res[0]["attention"][0], maps[1] if select == "last" else maps.mean(0))
+    torch.testing.assert_close(res[0]["attention"][0].sum(), torch.tensor(1.0))
+
+
+def test_unknown_select_is_a_config_error():
+    with pytest.raises(ConfigError, match="select='top'"):
+        HAGMILNet(D, {"label": 2}, select="top", **SMALL)
+
+
 def test_plain_bags_are_rejected_with_the_fix():
     net = HAGMILNet(D, {"label": 2}, **SMALL)
     bag = quadtree_bag(D)

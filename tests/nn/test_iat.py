@@ -40,6 +40,11 @@ def test_shapes_and_attention(model):
     assert torch.all(torch.isneginf(out.attention_raw[~mask]))
     assert torch.isfinite(out.attention_raw[mask]).all()
     assert model(x, mask).instance_loss is None
+    blocks = out.block_attention  # (B, n_blocks, N): every block's map, the last one = attention
+    assert blocks.shape == (3, len(model.blocks), 20)
+    torch.testing.assert_close(blocks[:, -1], out.attention)
+    torch.testing.assert_close(blocks.sum(-1), torch.ones(3, len(model.blocks)))
+    assert torch.all(blocks.transpose(1, 2)[~mask] == 0)
 
 
 def test_batched_with_padding_equals_one_slide_at_a_time(model):

@@ -53,6 +53,7 @@ class IATOutput:
         attention: (B, N) last block's softmax, summing to 1 over valid instances.
         instance_loss: () mean instance-clustering loss; None when no labels were given.
         embedding: (B, final_dim) combined slide vector fed to the classifier.
+        block_attention: (B, n_blocks, N) every block's softmax attention, 0 at padding.
     """
 
     logits: torch.Tensor
@@ -60,6 +61,7 @@ class IATOutput:
     attention: torch.Tensor
     instance_loss: torch.Tensor | None
     embedding: torch.Tensor
+    block_attention: torch.Tensor | None = None
 
 
 class GatedScore(nn.Module):
@@ -190,17 +192,18 @@ class IATModel(nn.Module):
         """
         if mask is None:
             mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        vectors = []
+        vectors, maps = [], []
         for block in self.blocks:
             out = block(h, mask)
             h = out.h
             vectors.append(out.s)
+            maps.append(out.attention)
         s = torch.stack(vectors, dim=-1)  # (B, final_dim, n_blocks)
         z = self.combine(s).squeeze(-1)  # (B, final_dim)
         inst = None
         if labels is not None:
             inst = self.instance_loss(out.attention_raw, out.u, mask, labels)
-        return IATOutput(self.classifier(z), out.attention_raw, out.attention, inst, z)
+        return IATOutput(self.classifier(z), out.attention_raw, out.attention, inst, z, torch.stack(maps, 1))
 
     def instance_loss(self, scores: torch.Tensor, u: torch.Tensor, mask: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
