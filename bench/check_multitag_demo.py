@@ -1,6 +1,6 @@
 """Does the ``task="multitag"`` demo data show its tags in random tissue patches? Time + check.
 
-The default multitag demo set (120 slides of 1024 µm, seed 0) is generated (or reused) with 2
+The default multitag demo set (360 slides of 1024 µm, seed 0) is generated (or reused) with 2
 workers; the wall time and the CPU time of the generation are reported (the CPU time / 2 is the
 wall time on 2 otherwise idle cores). Then, as the Patch Transformer's data pipeline does, random
 patches are drawn from each slide's tissue (Otsu mask at 8 µm/px, >= 50% tissue in the box):
@@ -105,7 +105,7 @@ def _majority(labels: np.ndarray) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-slides", type=int, default=None, help="default: the task's (120)")
+    p.add_argument("--n-slides", type=int, default=None, help="default: the task's (360)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-slide", type=int, default=16, help="random patches per slide and size")
     p.add_argument("--workers", type=int, default=2)

@@ -92,7 +92,7 @@ class _Planned(Exception):
 
 
 def test_default_size_of_the_task(monkeypatch, tmp_path):
-    """No n_slides / size_um given: 120 slides of 1024 µm for multitag, 80 of 1536 µm else."""
+    """No n_slides / size_um given: 360 slides of 1024 µm for multitag, 80 of 1536 µm else."""
     seen = {}
 
     def stop(n_slides, seed, options):
@@ -103,7 +103,7 @@ def test_default_size_of_the_task(monkeypatch, tmp_path):
         monkeypatch.setattr(module, "plan_slides", stop)
         with pytest.raises(_Planned):
             make_demo_dataset(tmp_path / task, task=task)
-        assert (seen["n"], seen["size"]) == ((120, 1024.0) if task == "multitag" else (80, 1536.0))
+        assert (seen["n"], seen["size"]) == ((360, 1024.0) if task == "multitag" else (80, 1536.0))
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,7 @@ def make_demo_dataset(
 
     Args:
         out_dir: output folder (created).
-        n_slides: number of slides, half of them tumour; None: 80 (task ``"multitag"``: 120).
+        n_slides: number of slides, half of them tumour; None: 80 (task ``"multitag"``: 360).
         seed: everything (labels, cases, pixels) is a function of the seed.
         workers: processes rendering slides in parallel (1 = in this process).
         **spec: overrides of ``DEFAULTS`` (size_um, mpp, frac_40x, n_levels, tile, quality,
